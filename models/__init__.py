@@ -1,0 +1,1 @@
+"""Export scripts that produce sample ONNX models for testing graphopt."""
