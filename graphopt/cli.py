@@ -1,0 +1,400 @@
+"""Command-line interface. Exit codes: 0 success, 1 validation failed, 2 usage or input error.
+
+Errors are one line on stderr (``--debug`` shows the traceback). The library logs; this module
+decides what reaches the terminal: the plan, per-pass stats and tables go to stdout, warnings and
+(with ``-v``) every skipped candidate to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from graphopt import __version__
+from graphopt.errors import GraphoptError, InputError
+from graphopt.model import load_model
+from graphopt.options import parse_option_assignments
+from graphopt.ort import resolve_providers
+from graphopt.pipeline import OptimizeReport, optimize
+from graphopt.registry import available_pass_names, load_pass_class
+from graphopt.summary import summarize
+from graphopt.validate import Criteria, ValidationReport
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+_RECIPE_KEYS = frozenset({"passes", "options"})
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend(
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
+    )
+    return "\n".join(lines)
+
+
+def _human_bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    return f"{value:.1f} GB"
+
+
+def _fmt(value: float | None, digits: int = 6) -> str:
+    if value is None:
+        return "-"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.{digits}f}" if abs(value) < 1e4 else f"{value:.3g}"
+
+
+def _setup_logging(verbose: int, debug: bool) -> None:
+    level = logging.DEBUG if debug or verbose >= 2 else logging.INFO if verbose else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("graphopt")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    for name in ("passes",):
+        other = logging.getLogger(name)
+        other.handlers[:] = [handler]
+        other.setLevel(level)
+        other.propagate = False
+    try:
+        from onnx_graphsurgeon.logger import G_LOGGER
+
+        G_LOGGER.severity = G_LOGGER.ERROR if not debug else G_LOGGER.WARNING
+    except ImportError:  # pragma: no cover - graphsurgeon always ships its logger
+        pass
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="graphopt")
+@click.option("-v", "--verbose", count=True, help="-v: log every skipped candidate; -vv: debug.")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+def cli(verbose: int, debug: bool) -> None:
+    """graphopt: optimize ONNX models and validate them against the original."""
+    _setup_logging(verbose, debug)
+
+
+def _load_recipe(path: Path | None) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    if path is None:
+        return [], {}
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise InputError(f"cannot read recipe {path}: {error.strerror}") from error
+    try:
+        recipe = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        detail = str(error).splitlines()[0]
+        raise InputError(
+            f"recipe {path} is not valid {path.suffix[1:] or 'YAML'}: {detail}"
+        ) from error
+    if not isinstance(recipe, dict):
+        raise InputError(f"recipe {path} must be a mapping with 'passes' and 'options'")
+    unknown = sorted(set(recipe) - _RECIPE_KEYS)
+    if unknown:
+        raise InputError(f"recipe {path}: unknown key '{unknown[0]}' (allowed: passes, options)")
+    passes = recipe.get("passes", [])
+    options = recipe.get("options", {}) or {}
+    if not isinstance(passes, list) or not all(isinstance(p, str) for p in passes):
+        raise InputError(f"recipe {path}: 'passes' must be a list of pass names")
+    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+        raise InputError(f"recipe {path}: 'options' must map pass names to option mappings")
+    return passes, {str(k): dict(v) for k, v in options.items()}
+
+
+def _split_names(text: str | None) -> list[str]:
+    return [name.strip() for name in (text or "").split(",") if name.strip()]
+
+
+def _print_report(report: OptimizeReport) -> None:
+    click.echo(f"normalize: {_describe_stats(report.normalize)}")
+    for index, record in enumerate(report.run.records, start=1):
+        state = "modified" if record.modified else "unchanged"
+        kind = "exact" if record.exact else "lossy"
+        click.echo(
+            f"[{index}/{len(report.run.records)}] {record.name:<10} {kind:<5} "
+            f"{record.seconds:7.3f}s  {state:<9}  {_describe_stats(record.stats)}"
+        )
+    ratio = report.output_bytes / report.input_bytes if report.input_bytes else float("nan")
+    click.echo(
+        f"saved {report.output}: {_human_bytes(report.input_bytes)} → "
+        f"{_human_bytes(report.output_bytes)} ({ratio:.3f}×)"
+    )
+    if report.validation is not None:
+        _print_validation(report.validation)
+
+
+def _describe_stats(stats: dict[str, Any]) -> str:
+    parts = []
+    for key, value in stats.items():
+        if isinstance(value, dict):
+            if value:
+                inner = ", ".join(f"{k}: {v}" for k, v in value.items())
+                parts.append(f"{key}={{{inner}}}")
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts) or "-"
+
+
+def _print_validation(validation: ValidationReport) -> None:
+    if validation.synthetic:
+        click.secho(f"WARNING: validated on {validation.data}", fg="yellow", err=True)
+    click.echo(f"validation on {validation.data}; criteria: {validation.criteria.describe()}")
+    rows = []
+    for c in validation.comparisons:
+        rows.append(
+            [
+                c.output,
+                c.provider,
+                _fmt(c.cosine),
+                _fmt(c.snr_db, 1),
+                f"{c.max_abs:.2e}",
+                f"{c.median_abs:.2e}",
+                _fmt(c.top1, 4),
+                str(c.nan_candidate + c.inf_candidate),
+                "PASS" if c.passed else "FAIL",
+            ]
+        )
+    headers = ["output", "ep", "cosine", "snr_db", "max_abs", "median_abs", "top1", "nan/inf", ""]
+    click.echo(_table(headers, rows))
+    for failure in validation.failures():
+        click.echo(f"  FAIL {failure}")
+    click.echo("validation: " + ("PASSED" if validation.passed else "FAILED"))
+
+
+def _criteria(
+    min_cosine: float | None, min_snr: float | None, min_top1: float | None
+) -> Criteria | None:
+    if min_cosine is None and min_snr is None and min_top1 is None:
+        return None
+    defaults = Criteria()
+    return Criteria(
+        min_cosine=defaults.min_cosine if min_cosine is None else min_cosine,
+        min_snr_db=defaults.min_snr_db if min_snr is None else min_snr,
+        min_top1=min_top1,
+    )
+
+
+@cli.command("optimize")
+@click.argument("input_model", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("output_model", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--passes", "passes_text", help="Comma-separated set of passes, e.g. cleanup,quant.")
+@click.option(
+    "--calib-data",
+    "data",
+    type=click.Path(path_type=Path),
+    help=".npz (axis 0 = samples) or a folder of .npz feeds; used for calibration and validation.",
+)
+@click.option(
+    "-o",
+    "--option",
+    "assignments",
+    multiple=True,
+    metavar="PASS.KEY=VALUE",
+    help="Set a pass option; repeatable.",
+)
+@click.option(
+    "--recipe",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="YAML or JSON file with 'passes' and 'options'.",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write the full report as JSON.",
+)
+@click.option(
+    "--providers",
+    default="cpu",
+    show_default=True,
+    help="Execution providers to validate on: cpu, cuda.",
+)
+@click.option("--no-validate", is_flag=True, help="Skip validation against the input model.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size for .npz data.")
+@click.option("--min-cosine", type=click.FloatRange(-1, 1), help="Lossy budget: minimum cosine.")
+@click.option("--min-snr", type=float, help="Lossy budget: minimum SNR in dB.")
+@click.option(
+    "--min-top1", type=click.FloatRange(0, 1), help="Lossy budget: minimum top-1 agreement."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for synthetic data.")
+def optimize_command(
+    input_model: Path,
+    output_model: Path,
+    passes_text: str | None,
+    data: Path | None,
+    assignments: tuple[str, ...],
+    recipe: Path | None,
+    report_path: Path | None,
+    providers: str,
+    no_validate: bool,
+    batch_size: int | None,
+    min_cosine: float | None,
+    min_snr: float | None,
+    min_top1: float | None,
+    seed: int,
+) -> int:
+    """Apply a set of passes to INPUT_MODEL, write OUTPUT_MODEL, validate it against the input."""
+    recipe_passes, recipe_options = _load_recipe(recipe)
+    names = list(dict.fromkeys(recipe_passes + _split_names(passes_text)))
+    if not names:
+        raise InputError("no passes given: use --passes (see 'graphopt passes') or --recipe")
+    options = recipe_options
+    for pass_name, values in parse_option_assignments(assignments).items():
+        options.setdefault(pass_name, {}).update(values)
+    provider_names = resolve_providers(_split_names(providers) or ["cpu"])
+    if report_path is not None and not report_path.parent.is_dir():
+        raise InputError(f"cannot write report {report_path}: folder does not exist")
+
+    def on_event(kind: str, info: dict[str, Any]) -> None:
+        if kind == "plan":
+            click.echo("plan: " + " → ".join(info["plan"]))
+        elif kind == "data":
+            click.echo(f"data: {info['description']}")
+        elif kind == "pass-start" and sys.stderr.isatty():
+            click.echo(f"running {info['name']} …", err=True)
+        elif kind == "validate-batch" and sys.stderr.isatty():
+            click.echo(f"\rvalidating: batch {info['index'] + 1}", err=True, nl=False)
+
+    report = optimize(
+        input_model,
+        output_model,
+        names,
+        options=options,
+        data=data,
+        providers=provider_names,
+        validate=not no_validate,
+        criteria=_criteria(min_cosine, min_snr, min_top1),
+        batch_size=batch_size,
+        seed=seed,
+        on_event=on_event,
+    )
+    if sys.stderr.isatty() and not no_validate:
+        click.echo("", err=True)
+    _print_report(report)
+    if report_path is not None:
+        report_path.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    return EXIT_OK if report.passed else EXIT_FAILED
+
+
+@cli.command("passes")
+def passes_command() -> int:
+    """List every pass with its options, defaults and help."""
+    for name in available_pass_names():
+        pass_class = load_pass_class(name)
+        kind = "exact" if pass_class.exact else "lossy"
+        click.echo(f"{name} ({kind}): {pass_class.summary}")
+        constraints = []
+        if pass_class.run_before:
+            constraints.append("runs before " + ", ".join(sorted(pass_class.run_before)))
+        if pass_class.run_after:
+            constraints.append("runs after " + ", ".join(sorted(pass_class.run_after)))
+        if constraints:
+            click.echo("  " + "; ".join(constraints))
+        for option in pass_class.options_schema:
+            click.echo(
+                f"  -o {name}.{option.name}={option.default!r:<12} "
+                f"[{option.describe_range()}] {option.help}"
+            )
+    return EXIT_OK
+
+
+@cli.command("inspect")
+@click.argument("model_path", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect_command(model_path: Path, as_json: bool) -> int:
+    """Opset, producer, op histogram, parameters by dtype, sparsity, FLOPs, external data."""
+    from graphopt.normalize import infer_types
+
+    model = load_model(model_path)
+    infer_types(model)
+    summary = summarize(model)
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), indent=2))
+        return EXIT_OK
+    opsets = ", ".join(f"{domain} {version}" for domain, version in summary.opsets.items())
+    click.echo(f"model:      {summary.path} ({_human_bytes(summary.file_bytes)})")
+    click.echo(f"producer:   {summary.producer or '-'}; IR {summary.ir_version}; opsets {opsets}")
+    click.echo(f"inputs:     {', '.join(summary.graph_inputs)}")
+    click.echo(f"outputs:    {', '.join(summary.graph_outputs)}")
+    click.echo(f"nodes:      {summary.nodes}")
+    click.echo(
+        f"parameters: {summary.parameters:,} "
+        f"({summary.weight_sparsity:.2%} of float weights are zero)"
+    )
+    for dtype, count in summary.params_by_dtype.items():
+        click.echo(
+            f"  {dtype:<10} {count:>14,} values  {_human_bytes(summary.bytes_by_dtype[dtype])}"
+        )
+    click.echo(
+        f"external:   {summary.external_tensors} tensors, {_human_bytes(summary.external_bytes)}"
+    )
+    total_flops = sum(summary.flops.values())
+    click.echo(
+        f"FLOPs:      {total_flops:,} per sample (dynamic dims = 1)"
+        + (f"; {summary.flops_unknown} nodes without shapes" if summary.flops_unknown else "")
+    )
+    for op, value in summary.flops.items():
+        click.echo(f"  {op:<10} {value:>16,}")
+    click.echo("ops:")
+    click.echo(_table(["op", "count"], [[op, str(n)] for op, n in summary.op_histogram.items()]))
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run the CLI and map every error to one line and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        result = cli.main(args=args, prog_name="graphopt", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        return int(done.exit_code)
+    except click.Abort:
+        click.echo("graphopt: aborted", err=True)
+        return EXIT_USAGE
+    except click.ClickException as error:
+        message = error.format_message().replace("\n", " ")
+        hint = ""
+        if isinstance(error, click.UsageError) and error.ctx is not None:
+            hint = f" (see '{error.ctx.command_path} --help')"
+        click.echo(f"graphopt: error: {message}{hint}", err=True)
+        return EXIT_USAGE
+    except GraphoptError as error:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"graphopt: error: {error}", err=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        click.echo("graphopt: interrupted", err=True)
+        return 130
+    except Exception as error:
+        if debug:
+            traceback.print_exc()
+        detail = str(error).splitlines()[0] if str(error) else ""
+        click.echo(
+            f"graphopt: internal error: {type(error).__name__}: {detail} "
+            "(rerun with --debug for the traceback)",
+            err=True,
+        )
+        return EXIT_USAGE
+    return int(result or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,514 @@
+"""Model I/O: load without pulling weights into memory, save atomically.
+
+Rules this module follows:
+
+1. Loading parses the protobuf only. Weights stored as external data stay on disk until a pass
+   reads them (:class:`ExternalValues` reads one tensor at a time, with the model's own folder
+   as the base directory, and never rewrites the tensor proto it came from).
+2. Every way a file can be unusable is a :class:`~graphopt.errors.ModelLoadError` with one line:
+   missing, empty, not ONNX, truncated, unsupported IR version, missing or short external data.
+3. Saving writes temporary files beside the target and renames them into place, so a failed
+   save leaves no partial file, and never writes over the input model or its external data.
+4. External data is used when the model came with it or when it would not fit in one protobuf
+   (~2 GB). Tensors are written into the data file one at a time, in graph order, each aligned
+   to 4 KiB so ONNX Runtime can memory-map it; bytes of untouched weights are copied from the
+   source file in chunks, never materialised as arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper, helper
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from graphopt.errors import InputError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+PROTOBUF_LIMIT_BYTES = 2_000_000_000
+"""Serialized protobufs cannot exceed 2 GiB; we switch to external data a little below that."""
+EXTERNAL_THRESHOLD_BYTES = 1024
+"""Tensors smaller than this stay inside the .onnx file even when external data is used."""
+EXTERNAL_ALIGNMENT = 4096
+MIN_IR_VERSION = 3
+MIN_IR_WITHOUT_INPUT_INITIALIZERS = 4
+"""The first IR version in which initializers need not also be graph inputs."""
+SKELETON_INLINE_LIMIT_BYTES = 1 << 16
+_COPY_CHUNK_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ExternalRef:
+    """Where the bytes of one external tensor live."""
+
+    path: Path
+    offset: int
+    length: int
+
+
+def external_ref(tensor: onnx.TensorProto, base_dir: Path) -> ExternalRef:
+    """Resolve a tensor's external-data fields against ``base_dir``."""
+    info = external_data_helper.ExternalDataInfo(tensor)
+    path = base_dir / info.location
+    offset = int(info.offset or 0)
+    length = int(info.length) if info.length else max(path.stat().st_size - offset, 0)
+    return ExternalRef(path=path, offset=offset, length=length)
+
+
+class ExternalValues(LazyValues):
+    """Lazy values of a tensor stored in an external file, read only when asked for."""
+
+    def __init__(self, tensor: onnx.TensorProto, base_dir: Path) -> None:
+        super().__init__(tensor)
+        self.base_dir = base_dir
+
+    def load(self) -> np.ndarray:
+        ref = external_ref(self.tensor, self.base_dir)
+        np_dtype = helper.tensor_dtype_to_np_dtype(self.tensor.data_type)
+        count = ref.length // np_dtype.itemsize if np_dtype.itemsize else 0
+        native = self.tensor.data_type in _NATIVE_NUMPY_TYPES
+        if native and count == int(np.prod(self.shape, dtype=np.int64)):
+            with open(ref.path, "rb") as handle:
+                handle.seek(ref.offset)
+                array = np.fromfile(handle, dtype=np_dtype.newbyteorder("<"), count=count)
+            return array.astype(np_dtype, copy=False).reshape(self.shape)
+        return np.array(onnx.numpy_helper.to_array(self.tensor, base_dir=str(self.base_dir)))
+
+
+_NATIVE_NUMPY_TYPES = frozenset(
+    {
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.DOUBLE,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.INT8,
+        onnx.TensorProto.UINT8,
+        onnx.TensorProto.INT16,
+        onnx.TensorProto.UINT16,
+        onnx.TensorProto.INT32,
+        onnx.TensorProto.UINT32,
+        onnx.TensorProto.INT64,
+        onnx.TensorProto.UINT64,
+        onnx.TensorProto.BOOL,
+    }
+)
+
+
+@dataclass
+class Model:
+    """An ONNX model opened for editing.
+
+    ``graph`` is an onnx-graphsurgeon graph whose untouched weights stay lazy. ``shell`` keeps the
+    model-level fields (metadata, producer, domain, doc string) so that saving preserves them.
+    """
+
+    graph: gs.Graph
+    shell: onnx.ModelProto
+    source: Path | None = None
+    had_external_data: bool = False
+    source_input_names: frozenset[str] = frozenset()
+
+    @property
+    def opset(self) -> int:
+        return int(self.graph.opset)
+
+    def to_proto(self) -> onnx.ModelProto:
+        """Export to a ModelProto; external tensors keep their references to the source file."""
+        exported = gs.export_onnx(self.graph, do_type_check=False)
+        proto = onnx.ModelProto()
+        proto.CopyFrom(self.shell)
+        proto.graph.CopyFrom(exported.graph)
+        del proto.opset_import[:]
+        proto.opset_import.extend(_merge_opsets(self.shell.opset_import, exported.opset_import))
+        del proto.functions[:]
+        proto.functions.extend(exported.functions)
+        proto.ir_version = max(self.shell.ir_version, exported.ir_version or 0)
+        return proto
+
+    def weight_bytes(self) -> int:
+        """Bytes held by constant tensors, lazy or not (no weight is loaded to count them)."""
+        return sum(constant_nbytes(c) for c in iter_constants(self.graph))
+
+
+def skeleton_proto(model: Model) -> onnx.ModelProto:
+    """A light copy for checking and shape inference: big initializers become typed inputs.
+
+    No weight bytes are read or copied for them, so this is cheap on multi-GB models.
+    """
+    proto = model.to_proto()
+    keep: list[onnx.TensorProto] = []
+    as_inputs: list[onnx.ValueInfoProto] = []
+    for tensor in proto.graph.initializer:
+        heavy = (
+            external_data_helper.uses_external_data(tensor)
+            or tensor.ByteSize() > SKELETON_INLINE_LIMIT_BYTES
+        )
+        if heavy:
+            as_inputs.append(
+                helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+            )
+        else:
+            keep.append(tensor)
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+    proto.graph.input.extend(as_inputs)
+    proto.ir_version = max(proto.ir_version, MIN_IR_WITHOUT_INPUT_INITIALIZERS)
+    return proto
+
+
+def _merge_opsets(
+    original: Iterator[onnx.OperatorSetIdProto] | list, exported: Iterator[onnx.OperatorSetIdProto]
+) -> list[onnx.OperatorSetIdProto]:
+    versions: dict[str, int] = {}
+    for opset in list(original) + list(exported):
+        versions[opset.domain] = max(versions.get(opset.domain, 0), opset.version)
+    return [helper.make_opsetid(domain, version) for domain, version in versions.items()]
+
+
+def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """The graph and every subgraph (If/Loop/Scan bodies), outermost first."""
+    yield graph
+    yield from graph.subgraphs(recursive=True)
+
+
+def iter_constants(graph: gs.Graph) -> Iterator[gs.Constant]:
+    """Every distinct Constant tensor used in the graph or its subgraphs."""
+    seen: set[int] = set()
+    for sub in iter_graphs(graph):
+        for tensor in sub.tensors().values():
+            if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
+                seen.add(id(tensor))
+                yield tensor
+
+
+def constant_nbytes(constant: gs.Constant) -> int:
+    values = constant._values
+    if isinstance(values, LazyValues):
+        return int(values.nbytes)
+    return int(np.asarray(values).nbytes)
+
+
+def constant_tensor_proto(constant: gs.Constant) -> onnx.TensorProto:
+    """A self-contained TensorProto of ``constant`` (external bytes read in), named like it."""
+    values = constant._values
+    if isinstance(values, LazyValues):
+        proto = onnx.TensorProto()
+        proto.CopyFrom(values.tensor)
+        if isinstance(values, ExternalValues):
+            external_data_helper.load_external_data_for_tensor(proto, str(values.base_dir))
+    else:
+        proto = OnnxExporter.export_tensor_proto(constant)
+    proto.name = constant.name
+    return proto
+
+
+def load_model(path: str | os.PathLike[str]) -> Model:
+    """Open ``path`` for editing without reading external weights. See the module rules."""
+    model_path = Path(path)
+    if not model_path.exists():
+        raise ModelLoadError(f"{model_path}: no such file")
+    if not model_path.is_file():
+        raise ModelLoadError(f"{model_path}: not a file")
+    if model_path.stat().st_size == 0:
+        raise ModelLoadError(f"{model_path}: empty file, not an ONNX model")
+    try:
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError) as error:
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelLoadError(
+            f"{model_path}: not a valid ONNX model (file truncated or not a protobuf: {detail})"
+        ) from error
+    _check_header(proto, model_path)
+    base_dir = model_path.parent
+    external = _check_external_data(proto, base_dir, model_path)
+    graph = _import_graph(proto, model_path)
+    _attach_external_values(graph, base_dir)
+    shell = onnx.ModelProto()
+    shell.CopyFrom(proto)
+    shell.ClearField("graph")
+    return Model(
+        graph=graph,
+        shell=shell,
+        source=model_path,
+        had_external_data=external > 0,
+        source_input_names=frozenset(i.name for i in proto.graph.input),
+    )
+
+
+def model_from_proto(proto: onnx.ModelProto, base_dir: Path | None = None) -> Model:
+    """Wrap an in-memory ModelProto (tests, the Python API). External data resolves in base_dir."""
+    _check_header(proto, Path("<in-memory model>"))
+    graph = _import_graph(proto, Path("<in-memory model>"))
+    external = 0
+    if base_dir is not None:
+        external = _check_external_data(proto, base_dir, Path("<in-memory model>"))
+        _attach_external_values(graph, base_dir)
+    shell = onnx.ModelProto()
+    shell.CopyFrom(proto)
+    shell.ClearField("graph")
+    return Model(
+        graph=graph,
+        shell=shell,
+        had_external_data=external > 0,
+        source_input_names=frozenset(i.name for i in proto.graph.input),
+    )
+
+
+def _check_header(proto: onnx.ModelProto, path: Path) -> None:
+    if proto.ir_version == 0 and not proto.HasField("graph"):
+        raise ModelLoadError(f"{path}: not an ONNX model (no IR version and no graph)")
+    if not proto.HasField("graph") or not proto.graph.output:
+        raise ModelLoadError(f"{path}: not a usable ONNX model (the graph has no outputs)")
+    if proto.ir_version > onnx.IR_VERSION:
+        raise ModelLoadError(
+            f"{path}: IR version {proto.ir_version} is newer than this onnx package supports "
+            f"({onnx.IR_VERSION}); upgrade onnx"
+        )
+    if proto.ir_version < MIN_IR_VERSION:
+        raise ModelLoadError(
+            f"{path}: IR version {proto.ir_version} is not supported (minimum {MIN_IR_VERSION})"
+        )
+
+
+def _all_tensor_protos(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    return external_data_helper._get_all_tensors(proto)
+
+
+def _check_external_data(proto: onnx.ModelProto, base_dir: Path, model_path: Path) -> int:
+    """Verify every external tensor's file exists and is long enough; return how many there are."""
+    count = 0
+    for tensor in _all_tensor_protos(proto):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        count += 1
+        info = external_data_helper.ExternalDataInfo(tensor)
+        location = Path(info.location)
+        if location.is_absolute() or ".." in location.parts:
+            raise ModelLoadError(
+                f"{model_path}: tensor '{tensor.name}' points outside the model's folder "
+                f"({info.location})"
+            )
+        data_path = base_dir / location
+        if not data_path.is_file():
+            raise ModelLoadError(
+                f"{model_path}: external data file '{info.location}' for tensor '{tensor.name}' "
+                f"is missing (looked in {base_dir})"
+            )
+        end = int(info.offset or 0) + int(info.length or 0)
+        if end > data_path.stat().st_size:
+            raise ModelLoadError(
+                f"{model_path}: external data file '{info.location}' is too short for tensor "
+                f"'{tensor.name}' (needs {end} bytes, has {data_path.stat().st_size})"
+            )
+    return count
+
+
+def _import_graph(proto: onnx.ModelProto, path: Path) -> gs.Graph:
+    try:
+        return gs.import_onnx(proto)
+    except Exception as error:  # graphsurgeon raises bare exceptions on malformed graphs
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelLoadError(f"{path}: malformed ONNX graph ({detail})") from error
+
+
+def _attach_external_values(graph: gs.Graph, base_dir: Path) -> None:
+    """Replace graphsurgeon's lazy values of external tensors by base_dir-aware ones."""
+    for constant in iter_constants(graph):
+        values = constant._values
+        if isinstance(values, LazyValues) and not isinstance(values, ExternalValues):
+            if external_data_helper.uses_external_data(values.tensor):
+                constant._values = ExternalValues(values.tensor, base_dir)
+
+
+def save_model(
+    model: Model,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+) -> Path:
+    """Write ``model`` to ``path`` atomically; see the module rules. Returns the path written.
+
+    ``external_data``: ``None`` decides automatically (rule 4); ``True``/``False`` force it.
+    """
+    out_path = Path(path)
+    check_output_path(out_path, model.source)
+    proto = model.to_proto()
+    use_external = external_data
+    if use_external is None:
+        use_external = model.had_external_data or _estimated_size(proto) > PROTOBUF_LIMIT_BYTES
+    data_name = out_path.name + ".data"
+    if use_external:
+        _check_not_input_data(model, out_path.parent / data_name)
+    temp_paths: list[Path] = []
+    try:
+        if use_external:
+            data_temp = _temp_beside(out_path.parent / data_name)
+            temp_paths.append(data_temp)
+            _write_external(proto, data_temp, data_name, model)
+        else:
+            _inline_external(proto, model)
+        model_temp = _temp_beside(out_path)
+        temp_paths.append(model_temp)
+        with open(model_temp, "wb") as handle:
+            handle.write(proto.SerializeToString(deterministic=True))
+            handle.flush()
+            os.fsync(handle.fileno())
+        if use_external:
+            os.replace(temp_paths[0], out_path.parent / data_name)
+        os.replace(model_temp, out_path)
+    except OSError as error:
+        raise InputError(f"cannot write {out_path}: {error.strerror or error}") from error
+    finally:
+        for temp in temp_paths:
+            temp.unlink(missing_ok=True)
+    return out_path
+
+
+def check_output_path(out_path: Path, source: Path | None) -> None:
+    """Refuse outputs that cannot be written or that would overwrite the input model."""
+    if out_path.is_dir():
+        raise InputError(f"output {out_path} is a folder; give a file name")
+    parent = out_path.parent
+    if not parent.is_dir():
+        raise InputError(f"cannot write {out_path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write {out_path}: folder {parent} is not writable")
+    if source is None:
+        return
+    same = out_path.resolve() == source.resolve() or (
+        out_path.exists() and source.exists() and out_path.samefile(source)
+    )
+    if same:
+        raise InputError(f"output {out_path} is the input model; choose another output path")
+
+
+def _check_not_input_data(model: Model, data_path: Path) -> None:
+    if model.source is None or not data_path.exists():
+        return
+    for constant in iter_constants(model.graph):
+        values = constant._values
+        if isinstance(values, ExternalValues):
+            ref = external_ref(values.tensor, values.base_dir)
+            if ref.path.exists() and ref.path.samefile(data_path):
+                raise InputError(
+                    f"output data file {data_path} would overwrite the input model's external data"
+                )
+
+
+def _temp_beside(target: Path) -> Path:
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    return Path(name)
+
+
+def _estimated_size(proto: onnx.ModelProto) -> int:
+    total = 0
+    for tensor in _all_tensor_protos(proto):
+        if not external_data_helper.uses_external_data(tensor):
+            total += tensor.ByteSize()
+    return total + proto.graph.ByteSize() // 8
+
+
+def _external_sources(model: Model) -> dict[str, Path]:
+    """Map initializer name → base dir for tensors whose bytes live in the source's data files."""
+    sources: dict[str, Path] = {}
+    for constant in iter_constants(model.graph):
+        if isinstance(constant._values, ExternalValues):
+            sources[constant.name] = constant._values.base_dir
+    return sources
+
+
+def _write_external(proto: onnx.ModelProto, data_path: Path, data_name: str, model: Model) -> None:
+    sources = _external_sources(model)
+    offset = 0
+    with open(data_path, "wb") as out:
+        for tensor in _all_tensor_protos(proto):
+            from_source = external_data_helper.uses_external_data(tensor)
+            if not from_source and _inline_nbytes(tensor) < EXTERNAL_THRESHOLD_BYTES:
+                continue
+            padding = (-offset) % EXTERNAL_ALIGNMENT
+            out.write(b"\0" * padding)
+            offset += padding
+            if from_source:
+                base_dir = sources.get(tensor.name, model.source.parent if model.source else Path())
+                length = _copy_external_bytes(tensor, base_dir, out)
+            else:
+                raw = _raw_bytes(tensor)
+                out.write(raw)
+                length = len(raw)
+                del raw
+            _point_to_external(tensor, data_name, offset, length)
+            offset += length
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _point_to_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    _clear_data_fields(tensor)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key = key
+        entry.value = value
+
+
+def _inline_nbytes(tensor: onnx.TensorProto) -> int:
+    if tensor.HasField("raw_data"):
+        return len(tensor.raw_data)
+    return tensor.ByteSize()
+
+
+def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    if tensor.data_type == onnx.TensorProto.STRING:
+        raise InputError(f"string tensor '{tensor.name}' cannot be stored as external data")
+    return onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor)).raw_data
+
+
+def _clear_data_fields(tensor: onnx.TensorProto) -> None:
+    for name in (
+        "raw_data",
+        "float_data",
+        "int32_data",
+        "int64_data",
+        "double_data",
+        "uint64_data",
+        "string_data",
+    ):
+        tensor.ClearField(name)
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def _copy_external_bytes(tensor: onnx.TensorProto, base_dir: Path, out: object) -> int:
+    ref = external_ref(tensor, base_dir)
+    remaining = ref.length
+    with open(ref.path, "rb") as src:
+        src.seek(ref.offset)
+        while remaining > 0:
+            chunk = src.read(min(_COPY_CHUNK_BYTES, remaining))
+            if not chunk:
+                raise InputError(f"external data for tensor '{tensor.name}' ends early")
+            out.write(chunk)  # type: ignore[attr-defined]
+            remaining -= len(chunk)
+    return ref.length
+
+
+def _inline_external(proto: onnx.ModelProto, model: Model) -> None:
+    """Pull external bytes inline (the caller asked for a single-file model)."""
+    sources = _external_sources(model)
+    for tensor in _all_tensor_protos(proto):
+        if external_data_helper.uses_external_data(tensor):
+            base_dir = sources.get(tensor.name, model.source.parent if model.source else Path())
+            external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))

@@ -1,0 +1,172 @@
+"""The whole job behind ``graphopt optimize``, as one function the CLI and Python users share.
+
+load → normalize → plan → passes (with checks between them) → save → validate → report.
+The input file is only read; the output is written atomically; validation compares the output
+file against the input file on the same data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graphopt.data import Feeds, input_specs, open_data, synthesize
+from graphopt.errors import InputError
+from graphopt.manager import PassManager, RunReport
+from graphopt.model import check_output_path, load_model, save_model
+from graphopt.normalize import normalize
+from graphopt.pass_api import Pass, PassContext
+from graphopt.registry import load_pass_class
+from graphopt.validate import Criteria, ValidationReport, compare_models
+
+logger = logging.getLogger(__name__)
+
+EventHook = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class OptimizeReport:
+    input: str
+    output: str
+    plan: list[str]
+    normalize: dict[str, Any]
+    run: RunReport
+    input_bytes: int
+    output_bytes: int
+    data: str
+    synthetic_data: bool
+    validation: ValidationReport | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.validation is None or self.validation.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {
+            "input": self.input,
+            "output": self.output,
+            "plan": self.plan,
+            "normalize": self.normalize,
+            "passes": [asdict(record) for record in self.run.records],
+            "input_bytes": self.input_bytes,
+            "output_bytes": self.output_bytes,
+            "data": self.data,
+            "synthetic_data": self.synthetic_data,
+            "validation": self.validation.to_dict() if self.validation else None,
+            "passed": self.passed,
+            "seconds": self.seconds,
+        }
+
+
+def build_passes(names: Sequence[str], options: Mapping[str, Mapping[str, Any]]) -> list[Pass]:
+    """Instantiate the named passes with their options; options for unrequested passes fail."""
+    stray = sorted(set(options) - set(names))
+    if stray:
+        raise InputError(f"options given for pass '{stray[0]}', which is not in --passes")
+    return [load_pass_class(name)(options.get(name, {})) for name in names]
+
+
+def model_file_bytes(path: Path) -> int:
+    """Size of a model file plus the external data files it uses."""
+    total = path.stat().st_size
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        total += data.stat().st_size
+    return total
+
+
+def optimize(
+    input_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    passes: Sequence[str],
+    *,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    data: str | os.PathLike[str] | Iterable[Mapping[str, np.ndarray]] | Any | None = None,
+    providers: Sequence[str] = ("cpu",),
+    validate: bool = True,
+    criteria: Criteria | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    on_event: EventHook | None = None,
+) -> OptimizeReport:
+    """Run the pipeline; see the module docstring. Raises InputError on unusable input."""
+    emit = on_event or (lambda _kind, _info: None)
+    source, target = Path(input_path), Path(output_path)
+    check_output_path(target, source)
+    pass_objects = build_passes(list(passes), options or {})
+    manager = PassManager(pass_objects, on_event=emit)
+    emit("plan", {"plan": manager.plan})
+    timings: dict[str, float] = {}
+
+    started = time.perf_counter()
+    model = load_model(source)
+    normalize_stats = normalize(
+        model, materialize_weights=any(item.reads_weights for item in pass_objects)
+    )
+    timings["load_normalize"] = time.perf_counter() - started
+    emit("normalized", {"stats": normalize_stats.as_dict()})
+
+    feeds = _feeds_for(model, data, batch_size, seed)
+    emit("data", {"description": feeds.description, "synthetic": feeds.synthetic})
+
+    started = time.perf_counter()
+    model, run_report = manager.run(model, PassContext(data=feeds, seed=seed))
+    timings["passes"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    save_model(model, target)
+    timings["save"] = time.perf_counter() - started
+    emit("saved", {"path": str(target)})
+    del model
+
+    report = OptimizeReport(
+        input=str(source),
+        output=str(target),
+        plan=manager.plan,
+        normalize=normalize_stats.as_dict(),
+        run=run_report,
+        input_bytes=model_file_bytes(source),
+        output_bytes=model_file_bytes(target),
+        data=feeds.description,
+        synthetic_data=feeds.synthetic,
+        seconds=timings,
+    )
+    if validate:
+        chosen = criteria or Criteria()
+        if run_report.all_exact and criteria is None:
+            chosen = Criteria(exact=True)
+        started = time.perf_counter()
+        emit("validate-start", {"providers": list(providers)})
+        report.validation = compare_models(
+            source,
+            target,
+            feeds,
+            providers=providers,
+            criteria=chosen,
+            on_batch=lambda index: emit("validate-batch", {"index": index}),
+            seed=seed,
+        )
+        timings["validate"] = time.perf_counter() - started
+    return report
+
+
+def _feeds_for(model: Any, data: Any, batch_size: int | None, seed: int) -> Feeds:
+    specs = input_specs(model.graph)
+    if data is None:
+        feeds = synthesize(model.graph, seed=seed)
+        logger.warning("no calibration/validation data given: using %s", feeds.description)
+        return feeds
+    feeds = open_data(data, specs, batch_size=batch_size)
+    for _ in feeds:  # check every feed up front: bad data is an input error, not a late crash
+        pass
+    return feeds

@@ -1,0 +1,155 @@
+"""Shared helpers: tiny models built in code and an ONNX Runtime equivalence check."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DIGITS_MODEL = REPO_ROOT / "models" / "digits_cnn.onnx"
+DIGITS_DATA = REPO_ROOT / "models" / "digits_sample.npz"
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def run_ort(
+    model: onnx.ModelProto | Path | str, feed: Mapping[str, np.ndarray]
+) -> list[np.ndarray]:
+    """Run with ORT graph optimizations disabled, as the GUIDE asks for equivalence tests."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return session.run(None, dict(feed))
+
+
+def assert_same_outputs(
+    reference: onnx.ModelProto | Path | str,
+    candidate: onnx.ModelProto | Path | str,
+    feed: Mapping[str, np.ndarray],
+) -> None:
+    expected = run_ort(reference, feed)
+    got = run_ort(candidate, feed)
+    assert len(expected) == len(got)
+    for want, have in zip(expected, got, strict=True):
+        if np.asarray(want).dtype.kind in "OUS":
+            np.testing.assert_array_equal(have, want)
+        else:
+            np.testing.assert_allclose(have, want, rtol=RTOL, atol=ATOL)
+
+
+def make_model(
+    nodes: list[onnx.NodeProto],
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
+    initializers: list[onnx.TensorProto] = (),  # type: ignore[assignment]
+    *,
+    opset: int = 17,
+    ir_version: int = 8,
+) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "test", inputs, outputs, list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    return model
+
+
+def float_input(name: str, shape: list[int | str]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def weight(name: str, shape: tuple[int, ...], seed: int = 0) -> onnx.TensorProto:
+    values = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    return numpy_helper.from_array(values, name)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+@pytest.fixture
+def mlp_model() -> onnx.ModelProto:
+    """x[?,4] → MatMul W1 → Add b1 → Relu → MatMul W2 → y[?,3]."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h0"], name="mm1"),
+        helper.make_node("Add", ["h0", "b1"], ["h1"], name="add1"),
+        helper.make_node("Relu", ["h1"], ["h2"], name="relu"),
+        helper.make_node("MatMul", ["h2", "W2"], ["y"], name="mm2"),
+    ]
+    return make_model(
+        nodes,
+        [float_input("x", ["batch", 4])],
+        [float_input("y", ["batch", 3])],
+        [weight("W1", (4, 8), 1), weight("b1", (8,), 2), weight("W2", (8, 3), 3)],
+    )
+
+
+PLUGIN_MODULE = "graphopt_test_plugin"
+_PLUGIN_SOURCE = """
+from typing import ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.model import iter_constants
+from graphopt.options import Option
+from graphopt.pass_api import Pass, PassResult
+
+
+class RenamePass(Pass):
+    name: ClassVar[str] = "rename"
+    summary: ClassVar[str] = "renames the graph"
+    exact: ClassVar[bool] = True
+    reads_weights: ClassVar[bool] = False
+
+    def call(self, model, context):
+        model.graph.name = "renamed"
+        return PassResult(model, True, {"renamed": 1})
+
+
+class NoisePass(Pass):
+    name: ClassVar[str] = "noise"
+    summary: ClassVar[str] = "adds seeded relative noise to every float weight (a lossy pass)"
+    exact: ClassVar[bool] = False
+    options_schema: ClassVar[tuple[Option, ...]] = (
+        Option("scale", float, 0.5, "noise relative to each weight's std", minimum=0.0),
+    )
+
+    def call(self, model, context):
+        rng = np.random.default_rng(context.seed)
+        touched = 0
+        for constant in iter_constants(model.graph):
+            values = constant.values
+            if values.dtype == np.float32 and values.size > 1:
+                noise = rng.standard_normal(values.shape).astype(np.float32)
+                constant.values = values + self.options["scale"] * values.std() * noise
+                touched += 1
+        return PassResult(model, touched > 0, {"weights_touched": touched})
+"""
+
+
+@pytest.fixture
+def installed_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A tiny plugin distribution (module + dist-info with entry points) on sys.path."""
+    plugin_dir = tmp_path / "plugin_site"
+    plugin_dir.mkdir()
+    (plugin_dir / f"{PLUGIN_MODULE}.py").write_text(_PLUGIN_SOURCE)
+    dist = plugin_dir / "graphopt_test_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: graphopt-test-plugin\nVersion: 1.0\n"
+    )
+    (dist / "entry_points.txt").write_text(
+        f"[graphopt.passes]\nrename = {PLUGIN_MODULE}:RenamePass\n"
+        f"noise = {PLUGIN_MODULE}:NoisePass\n"
+    )
+    monkeypatch.syspath_prepend(str(plugin_dir))
+    monkeypatch.delitem(sys.modules, PLUGIN_MODULE, raising=False)
+    return PLUGIN_MODULE

