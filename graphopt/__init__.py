@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from graphopt.bisect import BisectReport, bisect_passes
 from graphopt.data import Feeds, open_data, synthesize
 from graphopt.errors import (
     DataError,
@@ -19,20 +20,27 @@ from graphopt.errors import (
     PlanError,
     UnknownPassError,
 )
+from graphopt.gate import GateReport, run_gate
+from graphopt.latency import LatencyComparison, measure_latency
+from graphopt.localize import TensorComparison, compare_tensors, first_divergence
 from graphopt.manager import PassManager, plan_order
 from graphopt.model import Model, load_model, model_from_proto, save_model
 from graphopt.normalize import normalize
 from graphopt.options import Option
-from graphopt.pass_api import Pass, PassContext, PassResult
+from graphopt.pass_api import Budget, Pass, PassContext, PassResult
 from graphopt.pipeline import OptimizeReport, optimize
 from graphopt.validate import Criteria, ValidationReport, compare_models
 
 __all__ = [
+    "BisectReport",
+    "Budget",
     "Criteria",
     "DataError",
     "Feeds",
+    "GateReport",
     "GraphoptError",
     "InputError",
+    "LatencyComparison",
     "Model",
     "ModelLoadError",
     "OptimizeReport",
@@ -44,16 +52,22 @@ __all__ = [
     "PassManager",
     "PassResult",
     "PlanError",
+    "TensorComparison",
     "UnknownPassError",
     "ValidationReport",
     "__version__",
+    "bisect_passes",
     "compare_models",
+    "compare_tensors",
+    "first_divergence",
     "load_model",
+    "measure_latency",
     "model_from_proto",
     "normalize",
     "open_data",
     "optimize",
     "plan_order",
+    "run_gate",
     "save_model",
     "synthesize",
 ]

@@ -20,8 +20,12 @@ import click
 import yaml
 
 from graphopt import __version__
+from graphopt.data import input_specs, open_data, synthesize
 from graphopt.errors import GraphoptError, InputError
+from graphopt.gate import run_gate
+from graphopt.localize import TensorComparison, compare_tensors, first_divergence
 from graphopt.model import load_model
+from graphopt.normalize import infer_types
 from graphopt.options import parse_option_assignments
 from graphopt.ort import resolve_providers
 from graphopt.pipeline import OptimizeReport, optimize
@@ -138,6 +142,10 @@ def _print_report(report: OptimizeReport) -> None:
     )
     if report.validation is not None:
         _print_validation(report.validation)
+    if report.per_tensor is not None:
+        _print_per_tensor(report.per_tensor)
+    if report.bisect is not None:
+        click.echo("bisect: " + report.bisect.describe())
 
 
 def _describe_stats(stats: dict[str, Any]) -> str:
@@ -175,7 +183,37 @@ def _print_validation(validation: ValidationReport) -> None:
     click.echo(_table(headers, rows))
     for failure in validation.failures():
         click.echo(f"  FAIL {failure}")
+    for provider, placement in validation.placement.items():
+        counts = ", ".join(f"{ep}: {len(nodes)}" for ep, nodes in placement.items())
+        click.echo(f"placement on {provider}: {counts}")
+        for ep, nodes in placement.items():
+            if ep == "CPUExecutionProvider":
+                click.echo(f"  on CPU: {', '.join(nodes[:20])}" + (" …" if len(nodes) > 20 else ""))
     click.echo("validation: " + ("PASSED" if validation.passed else "FAILED"))
+
+
+def _print_per_tensor(rows: Sequence[TensorComparison]) -> None:
+    first = first_divergence(list(rows))
+    click.echo(f"per-tensor comparison ({len(rows)} tensors matched by name, in graph order):")
+    table = [
+        [
+            row.name,
+            row.op,
+            _fmt(row.cosine),
+            _fmt(row.snr_db, 1),
+            f"{row.max_abs:.2e}",
+            "ok" if row.passed else "FAIL",
+        ]
+        for row in rows
+    ]
+    click.echo(_table(["tensor", "op", "cosine", "snr_db", "max_abs", ""], table))
+    if first is None:
+        click.echo("per-tensor: every matched tensor is within the budget")
+    else:
+        click.echo(
+            f"per-tensor: error starts at '{first.name}' ({first.op}): cosine "
+            f"{_fmt(first.cosine)}, SNR {_fmt(first.snr_db, 1)} dB"
+        )
 
 
 def _criteria(
@@ -199,7 +237,14 @@ def _criteria(
     "--calib-data",
     "data",
     type=click.Path(path_type=Path),
-    help=".npz (axis 0 = samples) or a folder of .npz feeds; used for calibration and validation.",
+    help=".npz (axis 0 = samples) or a folder of .npz feeds; used for calibration and, "
+    "without --data, validation.",
+)
+@click.option(
+    "--data",
+    "validation_data",
+    type=click.Path(path_type=Path),
+    help="Validation data (same formats); defaults to --calib-data.",
 )
 @click.option(
     "-o",
@@ -234,11 +279,20 @@ def _criteria(
     "--min-top1", type=click.FloatRange(0, 1), help="Lossy budget: minimum top-1 agreement."
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for synthetic data.")
+@click.option(
+    "--per-tensor",
+    is_flag=True,
+    help="Compare intermediate tensors by name; show where error starts.",
+)
+@click.option(
+    "--bisect", is_flag=True, help="If validation fails, find the first failing pass and node."
+)
 def optimize_command(
     input_model: Path,
     output_model: Path,
     passes_text: str | None,
     data: Path | None,
+    validation_data: Path | None,
     assignments: tuple[str, ...],
     recipe: Path | None,
     report_path: Path | None,
@@ -249,6 +303,8 @@ def optimize_command(
     min_snr: float | None,
     min_top1: float | None,
     seed: int,
+    per_tensor: bool,
+    bisect: bool,
 ) -> int:
     """Apply a set of passes to INPUT_MODEL, write OUTPUT_MODEL, validate it against the input."""
     recipe_passes, recipe_options = _load_recipe(recipe)
@@ -259,14 +315,15 @@ def optimize_command(
     for pass_name, values in parse_option_assignments(assignments).items():
         options.setdefault(pass_name, {}).update(values)
     provider_names = resolve_providers(_split_names(providers) or ["cpu"])
-    if report_path is not None and not report_path.parent.is_dir():
-        raise InputError(f"cannot write report {report_path}: folder does not exist")
+    _check_writable(report_path)
 
     def on_event(kind: str, info: dict[str, Any]) -> None:
         if kind == "plan":
             click.echo("plan: " + " → ".join(info["plan"]))
         elif kind == "data":
             click.echo(f"data: {info['description']}")
+        elif kind == "validation-data":
+            click.echo(f"validation data: {info['description']}")
         elif kind == "pass-start" and sys.stderr.isatty():
             click.echo(f"running {info['name']} …", err=True)
         elif kind == "validate-batch" and sys.stderr.isatty():
@@ -278,18 +335,134 @@ def optimize_command(
         names,
         options=options,
         data=data,
+        validation_data=validation_data,
         providers=provider_names,
         validate=not no_validate,
         criteria=_criteria(min_cosine, min_snr, min_top1),
         batch_size=batch_size,
         seed=seed,
+        per_tensor=per_tensor,
+        bisect=bisect,
         on_event=on_event,
     )
     if sys.stderr.isatty() and not no_validate:
         click.echo("", err=True)
     _print_report(report)
     if report_path is not None:
-        report_path.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+        _write_text(report_path, json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    return EXIT_OK if report.passed else EXIT_FAILED
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as error:
+        raise InputError(f"cannot write {path}: {error.strerror or error}") from error
+
+
+def _check_writable(*paths: Path | None) -> None:
+    for path in paths:
+        if path is not None and not path.parent.is_dir():
+            raise InputError(f"cannot write {path}: folder {path.parent} does not exist")
+
+
+@cli.command("check")
+@click.argument("reference", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("candidate", type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    help=".npz (axis 0 = samples) or folder of .npz feeds; synthesized if absent.",
+)
+@click.option("--providers", default="cpu", show_default=True, help="cpu, cuda or cpu,cuda.")
+@click.option(
+    "--exact", is_flag=True, help="Require element-wise agreement (atol 1e-5, rtol 1e-4)."
+)
+@click.option("--min-cosine", type=click.FloatRange(-1, 1), help="Minimum cosine (default 0.99).")
+@click.option("--min-snr", type=float, help="Minimum SNR in dB (default 20).")
+@click.option("--min-top1", type=click.FloatRange(0, 1), help="Minimum top-1 agreement.")
+@click.option(
+    "--max-size-ratio",
+    type=click.FloatRange(min=0),
+    help="Maximum candidate/reference size on disk.",
+)
+@click.option(
+    "--max-latency-ratio",
+    type=click.FloatRange(min=0),
+    help="Maximum candidate/reference median CPU latency (interleaved runs).",
+)
+@click.option("--latency-runs", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size for .npz data.")
+@click.option("--per-tensor", is_flag=True, help="Also compare intermediate tensors by name.")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write the report as JSON.",
+)
+@click.option(
+    "--junit",
+    "junit_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write JUnit XML: one test case per output × provider × criterion.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+def check_command(
+    reference: Path,
+    candidate: Path,
+    data: Path | None,
+    providers: str,
+    exact: bool,
+    min_cosine: float | None,
+    min_snr: float | None,
+    min_top1: float | None,
+    max_size_ratio: float | None,
+    max_latency_ratio: float | None,
+    latency_runs: int,
+    batch_size: int | None,
+    per_tensor: bool,
+    json_path: Path | None,
+    junit_path: Path | None,
+    seed: int,
+) -> int:
+    """Gate a CANDIDATE model against its REFERENCE: exit 0 if every criterion holds, else 1."""
+    _check_writable(json_path, junit_path)
+    provider_names = resolve_providers(_split_names(providers) or ["cpu"])
+    if exact and (min_cosine is not None or min_snr is not None):
+        raise InputError("--exact cannot be combined with --min-cosine/--min-snr")
+    criteria = (
+        Criteria(exact=True) if exact else (_criteria(min_cosine, min_snr, min_top1) or Criteria())
+    )
+    reference_model = load_model(reference)
+    load_model(candidate)  # a candidate that is not ONNX at all is an input error
+    infer_types(reference_model)
+    if data is None:
+        feeds = synthesize(reference_model.graph, seed=seed)
+    else:
+        feeds = open_data(data, input_specs(reference_model.graph), batch_size=batch_size)
+        for _ in feeds:  # bad data is an input error up front
+            pass
+    del reference_model
+    report = run_gate(
+        reference,
+        candidate,
+        feeds,
+        providers=provider_names,
+        criteria=criteria,
+        max_size_ratio=max_size_ratio,
+        max_latency_ratio=max_latency_ratio,
+        latency_runs=latency_runs,
+    )
+    _print_validation(report.validation)
+    for check in report.model_checks:
+        click.echo(("PASS " if check.passed else "FAIL ") + check.message)
+    if per_tensor:
+        _print_per_tensor(compare_tensors(reference, candidate, feeds, criteria=criteria))
+    if json_path is not None:
+        _write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
+    if junit_path is not None:
+        _write_text(junit_path, report.to_junit())
+    click.echo("check: " + ("PASSED" if report.passed else "FAILED"))
     return EXIT_OK if report.passed else EXIT_FAILED
 
 
@@ -320,8 +493,6 @@ def passes_command() -> int:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect_command(model_path: Path, as_json: bool) -> int:
     """Opset, producer, op histogram, parameters by dtype, sparsity, FLOPs, external data."""
-    from graphopt.normalize import infer_types
-
     model = load_model(model_path)
     infer_types(model)
     summary = summarize(model)

@@ -374,6 +374,22 @@ def save_model(
     return out_path
 
 
+def model_file_bytes(path: Path) -> int:
+    """Bytes on disk of a model file plus every external data file it references."""
+    proto = onnx.load(str(path), load_external_data=False)
+    locations = {
+        external_data_helper.ExternalDataInfo(tensor).location
+        for tensor in _all_tensor_protos(proto)
+        if external_data_helper.uses_external_data(tensor)
+    }
+    total = path.stat().st_size
+    for location in sorted(locations):
+        data_path = path.parent / location
+        if data_path.is_file():
+            total += data_path.stat().st_size
+    return total
+
+
 def check_output_path(out_path: Path, source: Path | None) -> None:
     """Refuse outputs that cannot be written or that would overwrite the input model."""
     if out_path.is_dir():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -29,7 +30,13 @@ from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get
 
 from graphopt.edit import replace_uses
 from graphopt.folding import DEFAULT_MAX_GROWTH_BYTES, fold_constants
-from graphopt.model import MIN_IR_WITHOUT_INPUT_INITIALIZERS, Model, iter_graphs, skeleton_proto
+from graphopt.model import (
+    MIN_IR_WITHOUT_INPUT_INITIALIZERS,
+    Model,
+    iter_graphs,
+    load_model,
+    skeleton_proto,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +98,14 @@ def normalize(
         stats.nodes_folded,
     )
     return stats
+
+
+def load_normalized(
+    source: Path, *, materialize_weights: bool = False
+) -> tuple[Model, NormalizeStats]:
+    """Load ``source`` and normalize it (see :func:`normalize`)."""
+    model = load_model(source)
+    return model, normalize(model, materialize_weights=materialize_weights)
 
 
 def _count_initializer_inputs(model: Model) -> int:

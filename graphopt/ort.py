@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -44,6 +47,7 @@ def make_session(
     *,
     optimize: bool = True,
     threads: int = 0,
+    spinning: bool = True,
 ) -> ort.InferenceSession:
     """A session on one provider; ``optimize=False`` turns off ORT's graph rewrites."""
     options = ort.SessionOptions()
@@ -53,6 +57,8 @@ def make_session(
         if optimize
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -65,3 +71,35 @@ def make_session(
     else:
         source = str(Path(model))
     return ort.InferenceSession(source, sess_options=options, providers=providers)
+
+
+def node_placement(
+    model: onnx.ModelProto | str | os.PathLike[str],
+    provider: str,
+    feed: Mapping[str, np.ndarray],
+) -> dict[str, list[str]]:
+    """Which execution provider ran each node, read from one profiled run.
+
+    Returns provider name → node names (sorted). Requested providers fall back to the CPU for
+    nodes they have no kernel for; this shows which ones did.
+    """
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory(prefix="graphopt-profile-") as folder:
+        options.profile_file_prefix = str(Path(folder) / "profile")
+        providers = [PROVIDER_NAMES[provider]]
+        if provider != "cpu":
+            providers.append(PROVIDER_NAMES["cpu"])
+        source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+        session = ort.InferenceSession(source, sess_options=options, providers=providers)
+        session.run(None, dict(feed))
+        events = json.loads(Path(session.end_profiling()).read_text())
+    placement: dict[str, set[str]] = {}
+    for event in events:
+        args = event.get("args", {})
+        if event.get("cat") != "Node" or "provider" not in args:
+            continue
+        node = str(event.get("name", "")).removesuffix("_kernel_time")
+        placement.setdefault(args["provider"], set()).add(node)
+    return {name: sorted(nodes) for name, nodes in sorted(placement.items())}

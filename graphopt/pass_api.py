@@ -2,7 +2,8 @@
 
 A pass declares, as class attributes: its CLI ``name``, a one-line ``summary``, whether it is
 ``exact`` (validated at tight tolerance) or lossy (validated against the user's budget), whether
-it ``reads_weights`` (then normalization materialises every MatMul/Gemm/Conv weight), its
+it ``reads_weights`` (then normalization materialises every MatMul/Gemm/Conv weight), the default
+validation ``budget`` of a lossy pass, its
 ``options_schema`` (see :mod:`graphopt.options`) and ordering constraints (``run_before`` /
 ``run_after``, names of other passes; constraints on passes that were not requested are ignored).
 
@@ -31,11 +32,24 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PassResult:
-    """What a pass returns: the (possibly same) model, whether it changed, and counters."""
+    """What a pass returns: the (possibly same) model, whether it changed, and counters.
+
+    ``touched`` names the nodes the pass rewrote, in graph order; bisection narrows a failing
+    pass down to one of them (see :mod:`graphopt.bisect`).
+    """
 
     model: Model
     modified: bool
     stats: dict[str, Any] = field(default_factory=dict)
+    touched: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Default validation budget of a lossy pass (the user's --min-* flags override it)."""
+
+    min_cosine: float = 0.99
+    min_snr_db: float = 20.0
 
 
 class WeightClaims:
@@ -58,11 +72,19 @@ class WeightClaims:
 
 @dataclass
 class PassContext:
-    """Everything a pass may read besides the model: data, seed, and the run's weight claims."""
+    """Everything a pass may read besides the model: data, seed, and the run's weight claims.
+
+    ``scope``, when set, limits a pass to rewriting the nodes named in it; lossy passes check
+    :meth:`in_scope` for every candidate (bisection uses this to find one harmful node).
+    """
 
     data: Iterable[dict[str, np.ndarray]] | None = None
     seed: int = 0
     claims: WeightClaims = field(default_factory=WeightClaims)
+    scope: frozenset[str] | None = None
+
+    def in_scope(self, node_name: str) -> bool:
+        return self.scope is None or node_name in self.scope
 
 
 class Pass(abc.ABC):
@@ -72,6 +94,7 @@ class Pass(abc.ABC):
     summary: ClassVar[str]
     exact: ClassVar[bool]
     reads_weights: ClassVar[bool] = True
+    budget: ClassVar[Budget] = Budget()
     options_schema: ClassVar[tuple[Option, ...]] = ()
     run_before: ClassVar[frozenset[str]] = frozenset()
     run_after: ClassVar[frozenset[str]] = frozenset()

@@ -2,7 +2,12 @@
 
 load → normalize → plan → passes (with checks between them) → save → validate → report.
 The input file is only read; the output is written atomically; validation compares the output
-file against the input file on the same data.
+file against the input file, on the validation data when given, else on the calibration data.
+When validation fails, ``bisect`` finds the first failing pass and node, and ``per_tensor``
+reports where the error starts.
+
+Default budget: runs of exact passes only are held to the exact tolerance; otherwise the loosest
+``budget`` declared by the lossy passes in the plan applies, unless the caller gives criteria.
 """
 
 from __future__ import annotations
@@ -11,24 +16,27 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from graphopt.bisect import BisectReport, bisect_passes
 from graphopt.data import Feeds, input_specs, open_data, synthesize
 from graphopt.errors import InputError
+from graphopt.localize import TensorComparison, compare_tensors
 from graphopt.manager import PassManager, RunReport
-from graphopt.model import check_output_path, load_model, save_model
-from graphopt.normalize import normalize
+from graphopt.model import Model, check_output_path, model_file_bytes, save_model
+from graphopt.normalize import load_normalized
 from graphopt.pass_api import Pass, PassContext
 from graphopt.registry import load_pass_class
-from graphopt.validate import Criteria, ValidationReport, compare_models
+from graphopt.validate import Criteria, ValidationReport, compare_models, json_safe
 
 logger = logging.getLogger(__name__)
 
 EventHook = Callable[[str, dict[str, Any]], None]
+DataSource = str | os.PathLike[str] | Iterable[Mapping[str, np.ndarray]] | Any
 
 
 @dataclass
@@ -43,6 +51,8 @@ class OptimizeReport:
     data: str
     synthetic_data: bool
     validation: ValidationReport | None = None
+    per_tensor: list[TensorComparison] | None = None
+    bisect: BisectReport | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -50,8 +60,6 @@ class OptimizeReport:
         return self.validation is None or self.validation.passed
 
     def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         return {
             "input": self.input,
             "output": self.output,
@@ -63,6 +71,10 @@ class OptimizeReport:
             "data": self.data,
             "synthetic_data": self.synthetic_data,
             "validation": self.validation.to_dict() if self.validation else None,
+            "per_tensor": None
+            if self.per_tensor is None
+            else json_safe([asdict(row) for row in self.per_tensor]),
+            "bisect": asdict(self.bisect) if self.bisect else None,
             "passed": self.passed,
             "seconds": self.seconds,
         }
@@ -76,27 +88,21 @@ def build_passes(names: Sequence[str], options: Mapping[str, Mapping[str, Any]])
     return [load_pass_class(name)(options.get(name, {})) for name in names]
 
 
-def model_file_bytes(path: Path) -> int:
-    """Size of a model file plus the external data files it uses."""
-    total = path.stat().st_size
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        total += data.stat().st_size
-    return total
-
-
 def optimize(
     input_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
     passes: Sequence[str],
     *,
     options: Mapping[str, Mapping[str, Any]] | None = None,
-    data: str | os.PathLike[str] | Iterable[Mapping[str, np.ndarray]] | Any | None = None,
+    data: DataSource | None = None,
+    validation_data: DataSource | None = None,
     providers: Sequence[str] = ("cpu",),
     validate: bool = True,
     criteria: Criteria | None = None,
     batch_size: int | None = None,
     seed: int = 0,
+    per_tensor: bool = False,
+    bisect: bool = False,
     on_event: EventHook | None = None,
 ) -> OptimizeReport:
     """Run the pipeline; see the module docstring. Raises InputError on unusable input."""
@@ -109,15 +115,18 @@ def optimize(
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
-    model = load_model(source)
-    normalize_stats = normalize(
-        model, materialize_weights=any(item.reads_weights for item in pass_objects)
+    model, normalize_stats = load_normalized(
+        source, materialize_weights=any(item.reads_weights for item in pass_objects)
     )
     timings["load_normalize"] = time.perf_counter() - started
     emit("normalized", {"stats": normalize_stats.as_dict()})
 
     feeds = _feeds_for(model, data, batch_size, seed)
     emit("data", {"description": feeds.description, "synthetic": feeds.synthetic})
+    check_feeds = feeds
+    if validation_data is not None:
+        check_feeds = _feeds_for(model, validation_data, batch_size, seed)
+        emit("validation-data", {"description": check_feeds.description})
 
     started = time.perf_counter()
     model, run_report = manager.run(model, PassContext(data=feeds, seed=seed))
@@ -137,30 +146,50 @@ def optimize(
         run=run_report,
         input_bytes=model_file_bytes(source),
         output_bytes=model_file_bytes(target),
-        data=feeds.description,
-        synthetic_data=feeds.synthetic,
+        data=check_feeds.description,
+        synthetic_data=check_feeds.synthetic,
         seconds=timings,
     )
-    if validate:
-        chosen = criteria or Criteria()
-        if run_report.all_exact and criteria is None:
-            chosen = Criteria(exact=True)
+    if not validate:
+        return report
+    chosen = criteria or default_criteria(manager.passes)
+    started = time.perf_counter()
+    emit("validate-start", {"providers": list(providers)})
+    report.validation = compare_models(
+        source,
+        target,
+        check_feeds,
+        providers=providers,
+        criteria=chosen,
+        on_batch=lambda index: emit("validate-batch", {"index": index}),
+        seed=seed,
+    )
+    timings["validate"] = time.perf_counter() - started
+    if per_tensor:
+        emit("per-tensor-start", {})
+        report.per_tensor = compare_tensors(source, target, check_feeds, criteria=chosen)
+    if bisect and not report.validation.passed:
+        emit("bisect-start", {})
         started = time.perf_counter()
-        emit("validate-start", {"providers": list(providers)})
-        report.validation = compare_models(
-            source,
-            target,
-            feeds,
-            providers=providers,
-            criteria=chosen,
-            on_batch=lambda index: emit("validate-batch", {"index": index}),
-            seed=seed,
+        report.bisect = bisect_passes(
+            source, manager.passes, check_feeds, chosen, providers=providers, seed=seed
         )
-        timings["validate"] = time.perf_counter() - started
+        timings["bisect"] = time.perf_counter() - started
     return report
 
 
-def _feeds_for(model: Any, data: Any, batch_size: int | None, seed: int) -> Feeds:
+def default_criteria(planned: Sequence[Pass]) -> Criteria:
+    """The module's default budget for a plan."""
+    budgets = [item.budget for item in planned if not item.exact]
+    if not budgets:
+        return Criteria(exact=True)
+    return Criteria(
+        min_cosine=min(b.min_cosine for b in budgets),
+        min_snr_db=min(b.min_snr_db for b in budgets),
+    )
+
+
+def _feeds_for(model: Model, data: DataSource | None, batch_size: int | None, seed: int) -> Feeds:
     specs = input_specs(model.graph)
     if data is None:
         feeds = synthesize(model.graph, seed=seed)

@@ -16,8 +16,14 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.model import ExternalValues, Model, constant_nbytes, iter_constants, iter_graphs
-from graphopt.pipeline import model_file_bytes
+from graphopt.model import (
+    ExternalValues,
+    Model,
+    constant_nbytes,
+    iter_constants,
+    iter_graphs,
+    model_file_bytes,
+)
 
 logger = logging.getLogger(__name__)
 

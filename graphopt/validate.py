@@ -30,7 +30,7 @@ import onnx
 
 from graphopt.data import Feeds
 from graphopt.errors import InputError
-from graphopt.ort import make_session
+from graphopt.ort import make_session, node_placement
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +60,19 @@ class Criteria:
 
 
 @dataclass
+class Check:
+    """One criterion judged on one output and provider: what CI shows as one test case."""
+
+    criterion: str
+    passed: bool
+    message: str
+    value: float | None = None
+    threshold: float | None = None
+
+
+@dataclass
 class OutputComparison:
-    """Metrics of one output on one provider (rule 2) and the criteria it failed."""
+    """Metrics of one output on one provider (rule 2) and the checks judged on them."""
 
     output: str
     provider: str
@@ -79,11 +90,20 @@ class OutputComparison:
     top1: float | None = None
     top5: float | None = None
     findings: list[str] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[str]:
+        return [check.message for check in self.checks if not check.passed]
 
     @property
     def passed(self) -> bool:
-        return not self.failures
+        return all(check.passed for check in self.checks)
+
+    def fail(self, criterion: str, message: str) -> None:
+        """Record a structural failure (missing output, shape mismatch, load or run error)."""
+        if not any(c.criterion == criterion and c.message == message for c in self.checks):
+            self.checks.append(Check(criterion, False, message))
 
 
 @dataclass
@@ -96,6 +116,8 @@ class ValidationReport:
     criteria: Criteria
     comparisons: list[OutputComparison]
     samples: int = 0
+    placement: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    """For non-CPU providers: execution provider → names of the candidate's nodes it ran."""
 
     @property
     def passed(self) -> bool:
@@ -109,16 +131,23 @@ class ValidationReport:
         ]
 
     def to_dict(self) -> dict[str, Any]:
-        result = asdict(self)
+        result = json_safe(asdict(self))
         result["passed"] = self.passed
-        for comparison in result["comparisons"]:
-            for key in ("snr_db", "cosine"):
-                if isinstance(comparison[key], float) and math.isinf(comparison[key]):
-                    comparison[key] = "inf"
         return result
 
 
-class _Accumulator:
+def json_safe(value: Any) -> Any:
+    """Replace non-finite floats (which JSON cannot hold) by the strings "inf", "-inf", "nan"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+class MetricAccumulator:
     """Running sums for one output on one provider (rule 2)."""
 
     def __init__(self, name: str, provider: str, criteria: Criteria, seed: int) -> None:
@@ -143,8 +172,7 @@ class _Accumulator:
                 f"shape mismatch: reference {list(reference.shape)}, "
                 f"candidate {list(candidate.shape)}"
             )
-            if finding not in result.failures:
-                result.failures.append(finding)
+            result.fail("shape", finding)
             return
         if reference.dtype != candidate.dtype:
             finding = f"dtype mismatch: reference {reference.dtype}, candidate {candidate.dtype}"
@@ -226,25 +254,67 @@ class _Accumulator:
         result, criteria = self.result, self.criteria
         new_nan = result.nan_candidate - result.nan_reference
         new_inf = result.inf_candidate - result.inf_reference
+        problems = []
         if new_nan > 0:
-            result.failures.append(f"{new_nan} NaN values the reference does not have")
+            problems.append(f"{new_nan} NaN values the reference does not have")
         if new_inf > 0:
-            result.failures.append(f"{new_inf} Inf values the reference does not have")
+            problems.append(f"{new_inf} Inf values the reference does not have")
+        result.checks.append(
+            Check(
+                "finite",
+                not problems,
+                "; ".join(problems) or "no new NaN/Inf",
+                float(max(new_nan, 0) + max(new_inf, 0)),
+                0.0,
+            )
+        )
         if criteria.exact:
-            if result.not_close:
-                result.failures.append(
+            result.checks.append(
+                Check(
+                    "exact",
+                    result.not_close == 0,
                     f"{result.not_close} of {result.elements} elements differ by more than "
                     f"atol {criteria.atol:g} + rtol {criteria.rtol:g}·|ref| "
-                    f"(max abs {result.max_abs:.3g})"
+                    f"(max abs {result.max_abs:.3g})",
+                    float(result.not_close),
+                    0.0,
                 )
+            )
             return
-        if result.cosine < criteria.min_cosine:
-            result.failures.append(f"cosine {result.cosine:.6f} < {criteria.min_cosine:g}")
-        if result.snr_db < criteria.min_snr_db:
-            result.failures.append(f"SNR {result.snr_db:.2f} dB < {criteria.min_snr_db:g} dB")
+        result.checks.append(
+            Check(
+                "cosine",
+                result.cosine >= criteria.min_cosine,
+                f"cosine {result.cosine:.6f} < {criteria.min_cosine:g}"
+                if result.cosine < criteria.min_cosine
+                else f"cosine {result.cosine:.6f}",
+                result.cosine,
+                criteria.min_cosine,
+            )
+        )
+        result.checks.append(
+            Check(
+                "snr",
+                result.snr_db >= criteria.min_snr_db,
+                f"SNR {result.snr_db:.2f} dB < {criteria.min_snr_db:g} dB"
+                if result.snr_db < criteria.min_snr_db
+                else f"SNR {result.snr_db:.2f} dB",
+                result.snr_db,
+                criteria.min_snr_db,
+            )
+        )
         if criteria.min_top1 is not None and result.top1 is not None:
-            if result.top1 < criteria.min_top1:
-                result.failures.append(f"top-1 {result.top1:.4f} < {criteria.min_top1:g}")
+            result.checks.append(
+                Check(
+                    "top1",
+                    result.top1 >= criteria.min_top1,
+                    f"top-1 {result.top1:.4f} < {criteria.min_top1:g}"
+                    if result.top1 < criteria.min_top1
+                    else f"top-1 {result.top1:.4f}",
+                    result.top1,
+                    criteria.min_top1,
+                )
+            )
 
 
 def _first_line(error: BaseException) -> str:
@@ -273,6 +343,7 @@ def compare_models(
     """Run both models on ``feeds`` on each provider and judge the candidate (module rules)."""
     criteria = criteria or Criteria()
     comparisons: list[OutputComparison] = []
+    placement: dict[str, dict[str, list[str]]] = {}
     samples = 0
     for provider in providers:
         try:
@@ -287,15 +358,15 @@ def compare_models(
         except Exception as error:
             for name in (o.name for o in ref_session.get_outputs()):
                 broken = OutputComparison(output=name, provider=provider)
-                broken.failures.append(
-                    f"candidate does not load in onnxruntime: {_first_line(error)}"
+                broken.fail(
+                    "loads", f"candidate does not load in onnxruntime: {_first_line(error)}"
                 )
                 comparisons.append(broken)
             continue
         ref_names = [o.name for o in ref_session.get_outputs()]
         cand_names = {o.name for o in cand_session.get_outputs()}
         common = [name for name in ref_names if name in cand_names]
-        accumulators = {name: _Accumulator(name, provider, criteria, seed) for name in common}
+        accumulators = {name: MetricAccumulator(name, provider, criteria, seed) for name in common}
         provider_samples = 0
         for batch_index, feed in enumerate(feeds if common else []):
             try:
@@ -309,8 +380,8 @@ def compare_models(
                 cand_out = cand_session.run(common, feed)
             except Exception as error:
                 for name in common:
-                    accumulators[name].result.failures.append(
-                        f"candidate fails to run: {_first_line(error)}"
+                    accumulators[name].result.fail(
+                        "runs", f"candidate fails to run: {_first_line(error)}"
                     )
                 break
             for name, ref_value, cand_value in zip(common, ref_out, cand_out, strict=True):
@@ -320,12 +391,14 @@ def compare_models(
             if on_batch is not None:
                 on_batch(batch_index)
         samples = max(samples, provider_samples)
+        if provider != "cpu" and common:
+            placement[provider] = node_placement(candidate, provider, next(iter(feeds)))
         for name in ref_names:
             if name in accumulators:
                 comparisons.append(accumulators[name].finish())
             else:
                 missing = OutputComparison(output=name, provider=provider)
-                missing.failures.append("output missing from the candidate")
+                missing.fail("present", "output missing from the candidate")
                 comparisons.append(missing)
         del ref_session, cand_session
     return ValidationReport(
@@ -335,4 +408,5 @@ def compare_models(
         criteria=criteria,
         comparisons=comparisons,
         samples=samples,
+        placement=placement,
     )

@@ -98,7 +98,6 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.model import iter_constants
 from graphopt.options import Option
 from graphopt.pass_api import Pass, PassResult
 
@@ -120,18 +119,24 @@ class NoisePass(Pass):
     exact: ClassVar[bool] = False
     options_schema: ClassVar[tuple[Option, ...]] = (
         Option("scale", float, 0.5, "noise relative to each weight's std", minimum=0.0),
+        Option("loud", list, [], "nodes that get ten times the noise"),
     )
 
     def call(self, model, context):
         rng = np.random.default_rng(context.seed)
-        touched = 0
-        for constant in iter_constants(model.graph):
+        touched = []
+        for node in model.graph.nodes:
+            if node.op not in ("MatMul", "Gemm", "Conv") or not context.in_scope(node.name):
+                continue
+            constant = node.inputs[1]
+            if not isinstance(constant, gs.Constant):
+                continue
             values = constant.values
-            if values.dtype == np.float32 and values.size > 1:
-                noise = rng.standard_normal(values.shape).astype(np.float32)
-                constant.values = values + self.options["scale"] * values.std() * noise
-                touched += 1
-        return PassResult(model, touched > 0, {"weights_touched": touched})
+            noise = rng.standard_normal(values.shape).astype(np.float32)
+            scale = self.options["scale"] * (10.0 if node.name in self.options["loud"] else 1.0)
+            constant.values = values + scale * values.std() * noise
+            touched.append(node.name)
+        return PassResult(model, bool(touched), {"weights_touched": len(touched)}, touched)
 """
 
 

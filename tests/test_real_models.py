@@ -89,3 +89,53 @@ def test_minilm_dynamo_cleanup_end_to_end(
     pytest.importorskip("onnxscript")
     report = _optimize(_export(minilm_dir, "dynamo"), minilm_dir, capsys)
     assert report["validation"]["comparisons"][0]["not_close"] == 0
+
+
+def _magnitude_pruned(source: Path, target: Path, sparsity: float) -> Path:
+    """A deliberately broken candidate: every 2-D MatMul weight 60 % magnitude-pruned."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(source))
+    matmul_weights = {n.input[1] for n in proto.graph.node if n.op_type == "MatMul"}
+    for tensor in proto.graph.initializer:
+        if tensor.name in matmul_weights and len(tensor.dims) == 2:
+            values = numpy_helper.to_array(tensor).copy()
+            threshold = np.quantile(np.abs(values), sparsity)
+            values[np.abs(values) < threshold] = 0
+            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+    onnx.save(proto, str(target))
+    return target
+
+
+def test_check_gate_fails_pruned_minilm(
+    minilm_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import xml.etree.ElementTree as ElementTree
+
+    source = _export(minilm_dir, "torchscript")
+    pruned = _magnitude_pruned(source, minilm_dir / "pruned60.onnx", 0.6)
+    junit = minilm_dir / "check.xml"
+    code = main(
+        [
+            "check",
+            str(source),
+            str(pruned),
+            "--data",
+            str(minilm_dir / "calib.npz"),
+            "--junit",
+            str(junit),
+            "--max-size-ratio",
+            "1.01",
+        ]
+    )
+    stdout = capsys.readouterr().out
+    assert code == 1, stdout
+    assert "check: FAILED" in stdout
+    failed = {
+        c.get("name")
+        for c in ElementTree.parse(junit).getroot().iter("testcase")
+        if c.find("failure") is not None
+    }
+    assert "cosine" in failed
+    assert "size_ratio" not in failed

@@ -1,0 +1,132 @@
+"""Bisection: which pass, and within it which node, breaks the validation budget.
+
+Rules:
+
+1. Passes are replayed from the input file in plan order, validating after each prefix; the first
+   prefix that fails names the culprit pass. Every probe starts from a fresh load, so a probe never
+   sees another probe's edits.
+2. Within the culprit, the pass runs once unrestricted to learn which nodes it rewrites
+   (``PassResult.touched``, graph order); then a binary search over prefixes of that list, with
+   ``PassContext.scope`` limiting the pass, finds the shortest failing prefix. Its last node is the
+   first harmful node. This assumes rewriting more nodes never repairs the error, which holds for
+   the independent per-node rewrites passes make; the report says how many probes ran.
+3. Passes that report no touched nodes are bisected to the pass only.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from graphopt.data import Feeds
+from graphopt.manager import PassManager
+from graphopt.model import save_model
+from graphopt.normalize import load_normalized
+from graphopt.pass_api import Pass, PassContext
+from graphopt.validate import Criteria, compare_models
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BisectReport:
+    culprit_pass: str | None = None
+    ran_before: list[str] = field(default_factory=list)
+    culprit_node: str | None = None
+    touched_nodes: int = 0
+    probes: int = 0
+
+    def describe(self) -> str:
+        if self.culprit_pass is None:
+            return "no pass breaks the budget on its own prefix"
+        text = f"first failing pass '{self.culprit_pass}' (after [{', '.join(self.ran_before)}])"
+        if self.culprit_node is not None:
+            text += (
+                f"; first harmful node '{self.culprit_node}' "
+                f"(of {self.touched_nodes} it rewrites, {self.probes} probes)"
+            )
+        return text
+
+
+class _Prober:
+    def __init__(
+        self,
+        source: Path,
+        passes: Sequence[Pass],
+        feeds: Feeds,
+        criteria: Criteria,
+        providers: Sequence[str],
+        seed: int,
+        folder: Path,
+    ) -> None:
+        self.source, self.passes, self.feeds = source, list(passes), feeds
+        self.criteria, self.providers, self.seed, self.folder = criteria, providers, seed, folder
+        self.probes = 0
+
+    def run(self, count: int, scope: frozenset[str] | None = None) -> tuple[bool, list[str]]:
+        """Apply the first ``count`` passes (the last one limited to ``scope``); validate."""
+        self.probes += 1
+        model, _ = load_normalized(
+            self.source, materialize_weights=any(p.reads_weights for p in self.passes)
+        )
+        if count > 1:
+            model, _ = PassManager(self.passes[: count - 1], check=False).run(
+                model, PassContext(data=self.feeds, seed=self.seed)
+            )
+        last = self.passes[count - 1]
+        result = last(model, PassContext(data=self.feeds, seed=self.seed, scope=scope))
+        out = self.folder / f"probe{self.probes}.onnx"
+        save_model(result.model, out)
+        report = compare_models(
+            self.source,
+            out,
+            self.feeds,
+            providers=self.providers,
+            criteria=self.criteria,
+            seed=self.seed,
+        )
+        out.unlink()
+        out.with_name(out.name + ".data").unlink(missing_ok=True)
+        return report.passed, result.touched
+
+
+def bisect_passes(
+    source: Path,
+    planned: Sequence[Pass],
+    feeds: Feeds,
+    criteria: Criteria,
+    *,
+    providers: Sequence[str] = ("cpu",),
+    seed: int = 0,
+) -> BisectReport:
+    """Find the first failing pass, then its first harmful node (module rules)."""
+    report = BisectReport()
+    with tempfile.TemporaryDirectory(prefix="graphopt-bisect-") as folder:
+        prober = _Prober(source, planned, feeds, criteria, providers, seed, Path(folder))
+        touched: list[str] = []
+        for count in range(1, len(planned) + 1):
+            passed, touched = prober.run(count)
+            if not passed:
+                report.culprit_pass = planned[count - 1].name
+                report.ran_before = [p.name for p in planned[: count - 1]]
+                break
+        else:
+            report.probes = prober.probes
+            return report
+        report.touched_nodes = len(touched)
+        if touched:
+            low, high = 1, len(touched)  # the full list fails; find the shortest failing prefix
+            while low < high:
+                middle = (low + high) // 2
+                passed, _ = prober.run(count, frozenset(touched[:middle]))
+                if passed:
+                    low = middle + 1
+                else:
+                    high = middle
+            report.culprit_node = touched[low - 1]
+        report.probes = prober.probes
+    logger.info("bisect: %s", report.describe())
+    return report
