@@ -90,6 +90,22 @@ class Feeds:
         for feed in self._factory():
             yield check_feed(feed, self._specs, self.description)
 
+    def subset(self, indices: range) -> Feeds:
+        """The feeds at ``indices`` (batch positions), e.g. to hold some aside for checking."""
+        wanted = set(indices)
+
+        def factory() -> Iterator[Mapping[str, Any]]:
+            for index, feed in enumerate(self._factory()):
+                if index in wanted:
+                    yield feed
+
+        return Feeds(
+            factory,
+            list(self._specs.values()),
+            f"{self.description} [batches {indices.start}–{indices.stop - 1}]",
+            synthetic=self.synthetic,
+        )
+
     def count_samples(self) -> int:
         """Samples (rows along axis 0 of the first input) over all feeds."""
         total = 0

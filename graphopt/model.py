@@ -17,10 +17,11 @@ Rules this module follows:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -372,6 +373,48 @@ def save_model(
         for temp in temp_paths:
             temp.unlink(missing_ok=True)
     return out_path
+
+
+@contextlib.contextmanager
+def runnable_model(
+    model: Model, extra_outputs: Sequence[str] = ()
+) -> Iterator[onnx.ModelProto | Path]:
+    """The model as ONNX Runtime can load it, with ``extra_outputs`` exposed as graph outputs.
+
+    In memory when it holds no external data and fits in one protobuf; otherwise a temporary
+    file beside the external data it references (removed afterwards), or, when even that would
+    not fit, a temporary full copy saved with external data.
+    """
+    proto = model.to_proto()
+    existing = {output.name for output in proto.graph.output}
+    proto.graph.output.extend(
+        helper.make_empty_tensor_value_info(name) for name in extra_outputs if name not in existing
+    )
+    sources = set(_external_sources(model).values())
+    fits = _estimated_size(proto) < PROTOBUF_LIMIT_BYTES
+    if not sources and fits:
+        yield proto
+        return
+    if fits and len(sources) == 1:
+        folder = next(iter(sources))
+        temp = _temp_beside(folder / "graphopt-run.onnx")
+        try:
+            temp.write_bytes(proto.SerializeToString())
+            yield temp
+        finally:
+            temp.unlink(missing_ok=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="graphopt-run-") as folder:
+        path = Path(folder) / "model.onnx"
+        save_model(model, path, external_data=True)
+        saved = onnx.load(str(path), load_external_data=False)
+        saved.graph.output.extend(
+            helper.make_empty_tensor_value_info(name)
+            for name in extra_outputs
+            if name not in existing
+        )
+        path.write_bytes(saved.SerializeToString())
+        yield path
 
 
 def model_file_bytes(path: Path) -> int:

@@ -21,6 +21,7 @@ ENTRY_POINT_GROUP = "graphopt.passes"
 BUILTIN_PASSES = MappingProxyType(
     {
         "cleanup": "passes.cleanup:CleanupPass",
+        "quant": "passes.quant:QuantPass",
     }
 )
 """CLI name → ``module:Class`` of every built-in pass."""
