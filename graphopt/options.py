@@ -98,7 +98,7 @@ class Option:
         if self.choices is not None:
             items = value if isinstance(value, list) else [value]
             for item in items:
-                if item not in self.choices:
+                if str(item) not in self.choices:
                     raise OptionError(
                         f"option {label}: {item!r} is not allowed ({self.describe_range()})"
                     )

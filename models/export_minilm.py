@@ -201,6 +201,42 @@ def make_minilm_calibration(out_path: Path, n_samples: int = 64, seq_len: int = 
     return out_path
 
 
+def evaluation_sentences(count: int = 256) -> list[str]:
+    """Real English sentences disjoint from :data:`SENTENCES`, deterministic and offline.
+
+    They come from Python's own documentation (``pydoc_data.topics``): sentences of 8 to 40
+    words, without code-like characters, deduplicated, in a fixed order.
+    """
+    import re
+
+    from pydoc_data.topics import topics
+
+    found: set[str] = set()
+    for key in sorted(topics):
+        text = " ".join(topics[key].split())
+        for sentence in re.split(r"(?<=[.!?])\s+", text):
+            words = sentence.split()
+            if not 8 <= len(words) <= 40 or not sentence[:1].isupper():
+                continue
+            if any(mark in sentence for mark in ("(", ")", "[", "]", "=", "*", "`", ">>>", "::")):
+                continue
+            if sentence not in SENTENCES:
+                found.add(sentence)
+    ordered = sorted(found, key=lambda text: (len(text) % 97, text))
+    if len(ordered) < count:
+        raise ValueError(f"only {len(ordered)} evaluation sentences available")
+    return ordered[:count]
+
+
+def make_minilm_evaluation(out_path: Path, n_samples: int = 256, seq_len: int = 128) -> Path:
+    """Write an ``.npz`` of :func:`evaluation_sentences` tokenized like the calibration data."""
+    arrays = tokenize(evaluation_sentences(n_samples), seq_len)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out_path, **arrays)
+    return out_path
+
+
 def export_minilm(out_path: Path, exporter: Exporter = "torchscript") -> Path:
     """Export the sentence-embedding model to a single ``.onnx`` file at ``out_path``."""
     model = load_embedder()

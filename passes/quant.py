@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -73,13 +73,23 @@ class Candidate:
     weight: gs.Tensor
     weight_axis: int | None
     activation: gs.Tensor
+    scheme: str = "static"
+    """static (calibrated Q/DQ), dynamic (per-batch activation scale), int4 (weight-only),
+    split (outlier channels in float, the rest static)."""
+    outliers: np.ndarray | None = None
+    inlier_range: tuple[float, float] | None = None
 
     @property
     def activations(self) -> list[gs.Tensor]:
         """Inputs quantized with calibrated Q/DQ pairs (both, for activation × activation)."""
+        if self.scheme in ("dynamic", "int4"):
+            return []
         if isinstance(self.weight, gs.Constant):
             return [self.activation]
         return [self.activation, self.weight]
+
+    def with_scheme(self, scheme: str) -> Candidate:
+        return replace(self, scheme=scheme)
 
 
 @dataclass
@@ -87,6 +97,7 @@ class QuantReport:
     quantized: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     excluded_for_accuracy: dict[str, float] = field(default_factory=dict)
+    dynamic_for_accuracy: dict[str, float] = field(default_factory=dict)
     unquantizable: dict[str, str] = field(default_factory=dict)
 
 
@@ -126,6 +137,16 @@ class QuantPass(Pass):
        activation divided by s, folded into a preceding LayerNormalization's scale and bias when
        every reader of that output is a smoothed candidate, else through an inserted Mul.
     7. Zeros stay zero (symmetric weights), so sparsity from earlier passes survives.
+    8. ``weight_bits=4``: MatMuls with 2-D constant weights become com.microsoft MatMulNBits
+       with symmetric int4 blocks of ``block_size`` along K (weight-only; activations float).
+    9. ``mode=dynamic``: MatMuls quantize activations per batch (DynamicQuantizeLinear →
+       MatMulInteger → rescale, which ONNX Runtime fuses into DynamicQuantizeMatMul). In
+       accuracy-driven mode ``fallback=dynamic`` first tries a harmful node as dynamic and keeps
+       that only when the held-aside cosine improves; otherwise the node goes to float.
+    10. ``outlier_threshold`` > 0: a MatMul whose input has a few channels (at most a tenth)
+        with calibrated abs-max above threshold × median is split: those channels go through a
+        small float MatMul, the rest through int8 with a range calibrated without them, and
+        the two products are added (the LLM.int8() idea as a graph rewrite).
     """
 
     name: ClassVar[str] = "quant"
@@ -177,6 +198,44 @@ class QuantPass(Pass):
             maximum=1.0,
         ),
         Option(
+            "fallback",
+            str,
+            "float",
+            "accuracy-driven mode: where a harmful MatMul goes first (float, or dynamic per-batch "
+            "activation quantization; nodes still harmful then go to float)",
+            choices=("float", "dynamic"),
+        ),
+        Option(
+            "mode",
+            str,
+            "static",
+            "activation quantization of MatMuls: static (calibrated) or dynamic (per batch)",
+            choices=("static", "dynamic"),
+        ),
+        Option(
+            "weight_bits",
+            int,
+            8,
+            "8: int8 QDQ; 4: int4 block-wise weight-only MatMul (MatMulNBits), activations float",
+            choices=("4", "8"),
+        ),
+        Option(
+            "block_size",
+            int,
+            32,
+            "int4 block size along the reduction axis",
+            minimum=16,
+            maximum=256,
+        ),
+        Option(
+            "outlier_threshold",
+            float,
+            0.0,
+            "outlier-channel split: input channels whose calibrated abs-max exceeds this many "
+            "times the median go through a small float MatMul (0 = off)",
+            minimum=0.0,
+        ),
+        Option(
             "smooth_alpha",
             float,
             0.0,
@@ -197,12 +256,15 @@ class QuantPass(Pass):
         if not candidates:
             logger.warning("quant: nothing to quantize (%d nodes skipped)", len(report.skipped))
             return PassResult(model, False, {"quantized": 0, "skipped": len(report.skipped)})
+        candidates = [self._initial_scheme(c) for c in candidates]
         calibration_feeds, held_aside = _split_feeds(feeds, self._accuracy_driven(feeds))
         if self.options["smooth_alpha"] > 0:
             smoothed = self._smooth(model, candidates, calibration_feeds)
             logger.info("quant: SmoothQuant rescaled %d nodes", smoothed)
         stats = collect(model, calibration_feeds, self._requests(candidates))
         ranges = self._ranges(candidates, stats, report)
+        if self.options["outlier_threshold"] > 0:
+            candidates = [self._outlier_split(c, stats) for c in candidates]
         chosen = [c for c in candidates if _has_ranges(c, ranges)]
         if self._accuracy_driven(feeds) and held_aside is not None:
             chosen = self._accuracy_search(model, chosen, ranges, held_aside, report)
@@ -211,17 +273,62 @@ class QuantPass(Pass):
         stats_out: dict[str, Any] = {
             "quantized": len(chosen),
             "by_op": _count_ops(c.node.op for c in chosen),
+            "by_scheme": _count_ops(c.scheme for c in chosen),
             "calibrator": self.options["calibrator"],
         }
         if report.skipped:
             stats_out["skipped"] = _count_reasons(report.skipped.values())
         if report.unquantizable:
             stats_out["unquantizable_tensors"] = len(report.unquantizable)
+        if report.dynamic_for_accuracy:
+            stats_out["dynamic_for_accuracy"] = sorted(report.dynamic_for_accuracy)
         if report.excluded_for_accuracy:
             stats_out["excluded_for_accuracy"] = {
                 name: round(harm, 6) for name, harm in report.excluded_for_accuracy.items()
             }
         return PassResult(model, bool(chosen), stats_out, report.quantized)
+
+    def _initial_scheme(self, candidate: Candidate) -> Candidate:
+        """Rules 8 and 9: int4 weight-only or dynamic MatMuls when the options ask for them."""
+        weight_only = candidate.node.op == "MatMul" and isinstance(candidate.weight, gs.Constant)
+        if weight_only and self.options["weight_bits"] == 4:
+            return candidate.with_scheme("int4")
+        if weight_only and self.options["mode"] == "dynamic":
+            return candidate.with_scheme("dynamic")
+        return candidate
+
+    def _outlier_split(self, candidate: Candidate, stats: dict[str, TensorStats]) -> Candidate:
+        """Rule 10: find the few input channels with extreme ranges."""
+        if candidate.scheme != "static" or candidate.node.op != "MatMul":
+            return candidate
+        if not isinstance(candidate.weight, gs.Constant):
+            return candidate
+        channel_max = stats[candidate.activation.name].channel_absmax
+        if channel_max is None or channel_max.size < 8:
+            return candidate
+        threshold = self.options["outlier_threshold"] * float(np.median(channel_max))
+        outliers = np.nonzero(channel_max > threshold)[0]
+        if outliers.size == 0 or outliers.size > channel_max.size // 10:
+            if outliers.size:
+                logger.info(
+                    "quant: not splitting %s: %d of %d channels are outliers",
+                    candidate.node.name,
+                    outliers.size,
+                    channel_max.size,
+                )
+            return candidate
+        inliers = np.setdiff1d(np.arange(channel_max.size), outliers)
+        bound = float(channel_max[inliers].max())
+        tensor = stats[candidate.activation.name]
+        inlier_range = (max(tensor.minimum, -bound), min(tensor.maximum, bound))
+        logger.info(
+            "quant: %s: %d outlier channels go through a float MatMul",
+            candidate.node.name,
+            outliers.size,
+        )
+        return replace(
+            candidate, scheme="split", outliers=outliers.astype(np.int64), inlier_range=inlier_range
+        )
 
     # --- rule 1 -------------------------------------------------------------------------------
 
@@ -291,8 +398,11 @@ class QuantPass(Pass):
 
     def _requests(self, candidates: list[Candidate]) -> list[StatRequest]:
         histogram = self.options["calibrator"] != "minmax"
+        split = self.options["outlier_threshold"] > 0
         requests = [
-            StatRequest(t.name, histogram=histogram) for c in candidates for t in c.activations
+            StatRequest(t.name, histogram=histogram, channel_absmax=split and t is c.activation)
+            for c in candidates
+            for t in c.activations
         ]
         for candidate in candidates:
             output = _conv_output_tensor(candidate)
@@ -332,6 +442,15 @@ class QuantPass(Pass):
         dequantized: dict[int, gs.Variable] = {}
         for candidate in chosen:
             node = candidate.node
+            if candidate.scheme == "dynamic":
+                _apply_dynamic(graph, namer, candidate, self.options["reduce_range"])
+                continue
+            if candidate.scheme == "int4":
+                _apply_int4(graph, namer, candidate, self.options["block_size"])
+                continue
+            if candidate.scheme == "split":
+                _apply_split(graph, namer, candidate, symmetric, self.options["reduce_range"])
+                continue
             for tensor in candidate.activations:
                 if id(tensor) not in dequantized:
                     tensor_params = activation_params(*ranges[tensor.name], symmetric=symmetric)
@@ -358,6 +477,7 @@ class QuantPass(Pass):
                     logger.debug(
                         "quant: %s is a graph output; its Q/DQ only feeds readers", output.name
                     )
+        graph.cleanup(remove_unused_graph_inputs=False)
         graph.toposort()
 
     def _quantize_bias(
@@ -407,15 +527,26 @@ class QuantPass(Pass):
         for candidate in chosen:
             harm[candidate.node.name] = 1.0 - evaluator.score(self, [candidate], ranges)
         remaining = sorted(chosen, key=lambda c: harm[c.node.name])
+        demoted: list[Candidate] = []
         while remaining and score < target:
             worst = remaining.pop()
-            report.excluded_for_accuracy[worst.node.name] = harm[worst.node.name]
-            logger.info(
-                "quant: %s back to float (alone it costs %.6f cosine)",
-                worst.node.name,
-                harm[worst.node.name],
-            )
-            score = evaluator.score(self, remaining, ranges) if remaining else 1.0
+            name = worst.node.name
+            if self.options["fallback"] == "dynamic" and _can_be_dynamic(worst):
+                trial = evaluator.score(
+                    self, [*remaining, *demoted, worst.with_scheme("dynamic")], ranges
+                )
+                if trial > score:
+                    demoted.append(worst.with_scheme("dynamic"))
+                    report.dynamic_for_accuracy[name] = harm[name]
+                    logger.info(
+                        "quant: %s to dynamic quantization (cosine %.6f → %.6f)", name, score, trial
+                    )
+                    score = trial
+                    continue
+            report.excluded_for_accuracy[name] = harm[name]
+            logger.info("quant: %s back to float (alone it costs %.6f cosine)", name, harm[name])
+            score = evaluator.score(self, remaining + demoted, ranges)
+        remaining += demoted
         logger.info("quant: held-aside cosine %.6f with %d nodes quantized", score, len(remaining))
         order = {id(c.node): index for index, c in enumerate(chosen)}
         return sorted(remaining, key=lambda c: order[id(c.node)])
@@ -462,6 +593,173 @@ class QuantPass(Pass):
                 candidate.activation = new_activation
             smoothed += len(group)
         return smoothed
+
+
+def _detach(node: gs.Node) -> gs.Tensor:
+    """Disconnect a node that is being replaced; returns the output its replacement must write."""
+    output = node.outputs[0]
+    node.inputs.clear()
+    node.outputs.clear()
+    return output
+
+
+def _variable(namer: Namer, base: str, dtype: Any, shape: Any = None) -> gs.Variable:
+    return gs.Variable(namer(base), dtype=dtype, shape=shape)
+
+
+def _apply_dynamic(graph: gs.Graph, namer: Namer, candidate: Candidate, reduce_range: bool) -> None:
+    """Rule 9: DynamicQuantizeLinear → MatMulInteger → Cast → Mul (ORT: DynamicQuantizeMatMul)."""
+    node, activation = candidate.node, candidate.activation
+    quantized, params = quantize_weight(candidate.weight.values, 1, reduce_range=reduce_range)
+    output = _detach(node)
+    base = node.name or output.name
+    x_q = _variable(namer, f"{base}_x_quantized", np.uint8)
+    x_scale = _variable(namer, f"{base}_x_scale", np.float32, [])
+    x_zero = _variable(namer, f"{base}_x_zero_point", np.uint8, [])
+    integer = _variable(namer, f"{base}_integer", np.int32)
+    as_float = _variable(namer, f"{base}_float", np.float32)
+    scale = _variable(namer, f"{base}_scale", np.float32)
+    weight = gs.Constant(namer(f"{candidate.weight.name}_quantized"), quantized)
+    weight_zero = gs.Constant(namer(f"{candidate.weight.name}_zero_point"), params.zero_point)
+    weight_scale = gs.Constant(namer(f"{candidate.weight.name}_scale"), params.scale)
+    graph.nodes.extend(
+        [
+            gs.Node(
+                "DynamicQuantizeLinear",
+                name=namer(f"{base}_DynamicQuantize"),
+                inputs=[activation],
+                outputs=[x_q, x_scale, x_zero],
+            ),
+            gs.Node(
+                "MatMulInteger",
+                name=namer(f"{base}_MatMulInteger"),
+                inputs=[x_q, weight, x_zero, weight_zero],
+                outputs=[integer],
+            ),
+            gs.Node(
+                "Cast",
+                name=namer(f"{base}_Cast"),
+                attrs={"to": 1},
+                inputs=[integer],
+                outputs=[as_float],
+            ),
+            gs.Node(
+                "Mul",
+                name=namer(f"{base}_ScaleMul"),
+                inputs=[x_scale, weight_scale],
+                outputs=[scale],
+            ),
+            gs.Node(
+                "Mul", name=namer(f"{base}_Rescale"), inputs=[as_float, scale], outputs=[output]
+            ),
+        ]
+    )
+
+
+def pack_int4_blocks(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rule 8: symmetric int4 blocks along K of a [K, N] weight, in MatMulNBits' layout.
+
+    Returns packed uint8 [N, blocks, block_size / 2] (value + 8, low nibble first) and float32
+    scales [N · blocks]; dequantized value = (nibble − 8) · scale. K is zero-padded to whole blocks.
+    """
+    rows, columns = weight.shape
+    blocks = -(-rows // block_size)
+    padded = np.zeros((blocks * block_size, columns), np.float32)
+    padded[:rows] = weight
+    grouped = padded.T.reshape(columns, blocks, block_size)
+    peak = np.abs(grouped).max(axis=2)
+    scales = np.where(peak > 0, peak / 7.0, 1.0).astype(np.float32)
+    nibbles = np.clip(np.round(grouped / scales[:, :, None]), -8, 7).astype(np.int16) + 8
+    nibbles = nibbles.astype(np.uint8)
+    packed = (nibbles[:, :, 0::2] | (nibbles[:, :, 1::2] << 4)).astype(np.uint8)
+    return packed, scales.reshape(-1)
+
+
+def unpack_int4_blocks(packed: np.ndarray, scales: np.ndarray, rows: int) -> np.ndarray:
+    """The [K, N] float weight that :func:`pack_int4_blocks` encodes (for tests and checks)."""
+    columns, blocks, half = packed.shape
+    nibbles = np.empty((columns, blocks, half * 2), np.float32)
+    nibbles[:, :, 0::2] = packed & 0x0F
+    nibbles[:, :, 1::2] = packed >> 4
+    values = (nibbles - 8.0) * scales.reshape(columns, blocks)[:, :, None]
+    return values.reshape(columns, -1).T[:rows]
+
+
+def _apply_int4(graph: gs.Graph, namer: Namer, candidate: Candidate, block_size: int) -> None:
+    """Rule 8: MatMul → com.microsoft MatMulNBits with int4 block-wise weights."""
+    node = candidate.node
+    values = candidate.weight.values
+    packed, scales = pack_int4_blocks(values, block_size)
+    activation = candidate.activation
+    output = _detach(node)
+    base = candidate.weight.name
+    graph.nodes.append(
+        gs.Node(
+            "MatMulNBits",
+            name=namer(f"{node.name}_MatMulNBits"),
+            domain="com.microsoft",
+            attrs={
+                "K": int(values.shape[0]),
+                "N": int(values.shape[1]),
+                "bits": 4,
+                "block_size": int(block_size),
+            },
+            inputs=[
+                activation,
+                gs.Constant(namer(f"{base}_int4"), packed),
+                gs.Constant(namer(f"{base}_int4_scales"), scales),
+            ],
+            outputs=[output],
+        )
+    )
+
+
+def _apply_split(
+    graph: gs.Graph, namer: Namer, candidate: Candidate, symmetric: bool, reduce_range: bool
+) -> None:
+    """Rule 10: Y = Q(X[:, in]) · Q(W[in]) + X[:, out] · W[out]."""
+    assert candidate.outliers is not None and candidate.inlier_range is not None
+    node, activation = candidate.node, candidate.activation
+    weight = candidate.weight.values
+    outliers = candidate.outliers
+    inliers = np.setdiff1d(np.arange(weight.shape[0]), outliers).astype(np.int64)
+    output = _detach(node)
+    base = node.name or output.name
+    parts = []
+    for label, channels in (("inliers", inliers), ("outliers", outliers)):
+        gathered = _variable(namer, f"{base}_{label}", np.float32)
+        graph.nodes.append(
+            gs.Node(
+                "Gather",
+                name=namer(f"{base}_Gather_{label}"),
+                attrs={"axis": -1},
+                inputs=[activation, gs.Constant(namer(f"{base}_{label}_index"), channels)],
+                outputs=[gathered],
+            )
+        )
+        part = _variable(namer, f"{base}_{label}_product", np.float32)
+        rows = weight[channels]
+        if label == "inliers":
+            params = activation_params(*candidate.inlier_range, symmetric=symmetric)
+            gathered = fake_quantize(graph, namer, gathered, params)
+            quantized, weight_params = quantize_weight(rows, 1, reduce_range=reduce_range)
+            right: gs.Tensor = dequantize_node(
+                graph, namer, f"{base}_{label}_weight", quantized, weight_params
+            )
+        else:
+            right = gs.Constant(namer(f"{base}_{label}_weight"), rows.astype(np.float32))
+        graph.nodes.append(
+            gs.Node(
+                "MatMul",
+                name=namer(f"{base}_MatMul_{label}"),
+                inputs=[gathered, right],
+                outputs=[part],
+            )
+        )
+        parts.append(part)
+    graph.nodes.append(
+        gs.Node("Add", name=namer(f"{base}_SplitAdd"), inputs=parts, outputs=[output])
+    )
 
 
 def _divide_activation(
@@ -555,11 +853,10 @@ def _node_map(original: gs.Graph, copy: gs.Graph) -> dict[str, gs.Node]:
 def _rebind(candidate: Candidate, mapping: dict[str, gs.Node]) -> Candidate:
     node = mapping[candidate.node.name]
     placement = candidate.placement
-    return Candidate(
+    return replace(
+        candidate,
         node=node,
-        placement=placement,
         weight=node.inputs[placement.weight_input],
-        weight_axis=candidate.weight_axis,
         activation=node.inputs[0],
     )
 
@@ -571,6 +868,14 @@ def _cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
     if denominator == 0:
         return 1.0 if not a.any() and not b.any() else 0.0
     return float(a @ b) / denominator
+
+
+def _can_be_dynamic(candidate: Candidate) -> bool:
+    return (
+        candidate.scheme in ("static", "split")
+        and candidate.node.op == "MatMul"
+        and isinstance(candidate.weight, gs.Constant)
+    )
 
 
 def _has_ranges(candidate: Candidate, ranges: dict[str, tuple[float, float]]) -> bool:

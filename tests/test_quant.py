@@ -101,7 +101,7 @@ def test_weight_quantization_is_symmetric_per_output_channel_and_keeps_zeros() -
     restored = dequantize(quantized, params)
     np.testing.assert_allclose(restored, values, atol=float(params.scale.max()) / 2 + 1e-6)
     assert np.abs(restored[:, 0] - values[:, 0]).max() < np.abs(values[:, 0]).max() / 100
-    reduced, _reduced_params = quantize_weight(values, axis=1, reduce_range=True)
+    reduced, _ = quantize_weight(values, axis=1, reduce_range=True)
     assert np.abs(reduced).max() <= 63
 
 
@@ -205,7 +205,7 @@ def test_gemm_trans_b_axis_and_int32_bias(tmp_path: Path) -> None:
         [float_input("y", ["n", 8])],
         [weight("W", (8, 16), 1), weight("b", (8,), 2)],
     )
-    out, _result = _quantize(proto, tmp_path, target_cosine=0.0)
+    out, _ = _quantize(proto, tmp_path, target_cosine=0.0)
     inits = _initializers(out)
     assert inits["W_scale"].shape == (8,)
     assert inits["b_quantized"].dtype == np.int32
@@ -415,3 +415,106 @@ def test_bad_calibration_data_is_one_line(
     stderr = capsys.readouterr().err
     assert code == 2 and "expects rank 4" in stderr
     assert not (tmp_path / "o.onnx").exists()
+
+
+# --- other schemes --------------------------------------------------------------------------
+
+
+def test_dynamic_mode_uses_ort_dynamic_kernels(tmp_path: Path) -> None:
+    out, result = _quantize(_mlp(), tmp_path, mode="dynamic", target_cosine=0.0)
+    assert result.stats["by_scheme"] == {"dynamic": 2}
+    assert _ops(out)["DynamicQuantizeLinear"] == 2 and _ops(out)["MatMul"] == 0
+    fused = _fused_ops(out, tmp_path)
+    assert fused["DynamicQuantizeMatMul"] + fused["MatMulIntegerToFloat"] == 2, fused
+    feed = {"x": np.random.default_rng(3).standard_normal((4, 16)).astype(np.float32)}
+    assert _cosine(run_ort(_mlp(), feed)[0], run_ort(out, feed)[0]) > 0.995
+
+
+def test_int4_blocks_round_trip_and_match_matmulnbits(tmp_path: Path) -> None:
+    from passes.quant import pack_int4_blocks, unpack_int4_blocks
+
+    values = np.random.default_rng(0).standard_normal((40, 6)).astype(np.float32)  # K not /32
+    packed, scales = pack_int4_blocks(values, 32)
+    assert packed.shape == (6, 2, 16) and scales.shape == (12,)
+    restored = unpack_int4_blocks(packed, scales, 40)
+    assert np.abs(restored - values).max() <= scales.max() / 2 + 1e-6
+    out, result = _quantize(
+        _mlp(hidden=64), tmp_path, weight_bits=4, block_size=16, target_cosine=0.0
+    )
+    assert _ops(out)["MatMulNBits"] == 2
+    inits = _initializers(out)
+    feed = {"x": np.random.default_rng(4).standard_normal((3, 16)).astype(np.float32)}
+    # ORT's kernel must compute exactly what the packed weights mean.
+    w1 = unpack_int4_blocks(inits["W1_int4"], inits["W1_int4_scales"], 16)
+    w2 = unpack_int4_blocks(inits["W2_int4"], inits["W2_int4_scales"], 64)
+    expected = np.maximum(feed["x"] @ w1, 0) @ w2
+    np.testing.assert_allclose(run_ort(out, feed)[0], expected, rtol=1e-3, atol=1e-3)
+
+
+def test_bad_weight_bits_is_rejected() -> None:
+    from graphopt.errors import OptionError
+
+    with pytest.raises(OptionError, match="quant.weight_bits"):
+        QuantPass({"weight_bits": "6"})
+
+
+def test_outlier_split_keeps_loud_channels_in_float(tmp_path: Path) -> None:
+    boost = np.ones(32, np.float32)
+    boost[[3, 17]] = 300.0
+    w2 = numpy_helper.to_array(weight("W2", (32, 8), 2)).copy()
+    w2[[3, 17]] /= 300.0
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+        helper.make_node("Mul", ["h", "boost"], ["hb"], name="boost"),
+        helper.make_node("MatMul", ["hb", "W2"], ["y"], name="mm2"),
+    ]
+    proto = make_model(
+        nodes,
+        [float_input("x", ["n", 16])],
+        [float_input("y", ["n", 8])],
+        [
+            weight("W1", (16, 32), 1),
+            numpy_helper.from_array(boost, "boost"),
+            numpy_helper.from_array(w2, "W2"),
+        ],
+    )
+    feed = {"x": np.random.default_rng(6).standard_normal((32, 16)).astype(np.float32)}
+    reference = run_ort(proto, feed)[0]
+    plain, _ = _quantize(proto, tmp_path, target_cosine=0.0, calibrator="minmax")
+    plain_cosine = _cosine(reference, run_ort(plain, feed)[0])
+    split, result = _quantize(
+        proto, tmp_path, target_cosine=0.0, calibrator="minmax", outlier_threshold=20
+    )
+    assert result.stats["by_scheme"] == {"static": 1, "split": 1}
+    index = _initializers(split)["mm2_outliers_index"]
+    assert sorted(index.tolist()) == [3, 17]
+    assert _cosine(reference, run_ort(split, feed)[0]) > max(plain_cosine, 0.999)
+
+
+def test_fallback_dynamic_reports_what_moved(tmp_path: Path) -> None:
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+        helper.make_node("Mul", ["h", "boost"], ["hb"], name="boost"),
+        helper.make_node("MatMul", ["hb", "W2"], ["y"], name="mm2"),
+    ]
+    boost = np.ones(32, np.float32)
+    boost[3] = 500.0
+    w2 = numpy_helper.to_array(weight("W2", (32, 8), 2)).copy()
+    w2[3] /= 500.0
+    proto = make_model(
+        nodes,
+        [float_input("x", ["n", 16])],
+        [float_input("y", ["n", 8])],
+        [
+            weight("W1", (16, 32), 1),
+            numpy_helper.from_array(boost, "boost"),
+            numpy_helper.from_array(w2, "W2"),
+        ],
+    )
+    _, result = _quantize(
+        proto, tmp_path, target_cosine=0.9999, calibrator="minmax", fallback="dynamic"
+    )
+    moved = set(result.stats.get("dynamic_for_accuracy", [])) | set(
+        result.stats.get("excluded_for_accuracy", {})
+    )
+    assert "mm2" in moved
