@@ -208,7 +208,6 @@ def evaluation_sentences(count: int = 256) -> list[str]:
     words, without code-like characters, deduplicated, in a fixed order.
     """
     import re
-
     from pydoc_data.topics import topics
 
     found: set[str] = set()

@@ -438,7 +438,7 @@ def test_int4_blocks_round_trip_and_match_matmulnbits(tmp_path: Path) -> None:
     assert packed.shape == (6, 2, 16) and scales.shape == (12,)
     restored = unpack_int4_blocks(packed, scales, 40)
     assert np.abs(restored - values).max() <= scales.max() / 2 + 1e-6
-    out, result = _quantize(
+    out, _ = _quantize(
         _mlp(hidden=64), tmp_path, weight_bits=4, block_size=16, target_cosine=0.0
     )
     assert _ops(out)["MatMulNBits"] == 2
