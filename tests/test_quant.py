@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.calibration import (
     RunningHistogram,
@@ -43,6 +43,7 @@ def _feeds(proto: onnx.ModelProto, samples: int = 64, batch: int = 8, seed: int 
 def _quantize(proto: onnx.ModelProto, tmp_path: Path, **options: object):  # type: ignore[no-untyped-def]
     model = model_from_proto(proto)
     normalize(model, materialize_weights=True)
+    options.setdefault("min_macs", 0)  # the tiny test graphs are below the default size rule
     result = QuantPass(options)(model, PassContext(data=_feeds(proto)))
     out = tmp_path / "q.onnx"
     save_model(result.model, out)
@@ -368,23 +369,33 @@ def test_output_is_deterministic(tmp_path: Path) -> None:
 # --- the bundled CNN, end to end --------------------------------------------------------------
 
 
+def test_small_nodes_stay_float_by_default(tmp_path: Path) -> None:
+    _, result = _quantize(_mlp(), tmp_path, min_macs=1e6)
+    assert not result.modified
+    assert result.stats["skipped"] == {
+        "too small to gain from int8 (512 MACs per sample)": 1,
+        "too small to gain from int8 (256 MACs per sample)": 1,
+    }
+
+
 def test_digits_cnn_quantized_end_to_end(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "digits_int8.onnx"
-    code = main(
-        [
-            "optimize",
-            str(DIGITS_MODEL),
-            str(out),
-            "--passes",
-            "cleanup,quant",
-            "--calib-data",
-            str(DIGITS_DATA),
-            "--min-top1",
-            "0.95",
-        ]
-    )
+    # By default its layers are too small to gain from int8 (rule 11): nothing changes.
+    args = [
+        "optimize",
+        str(DIGITS_MODEL),
+        str(out),
+        "--passes",
+        "cleanup,quant",
+        "--calib-data",
+        str(DIGITS_DATA),
+    ]
+    code = main(args)
+    stdout = capsys.readouterr().out
+    assert code == 0 and "quantized=0" in stdout and "too small to gain" in stdout
+    code = main([*args, "-o", "quant.min_macs=0", "--min-top1", "0.95"])
     stdout = capsys.readouterr().out
     assert code == 0, stdout
     assert "plan: cleanup → quant" in stdout
@@ -438,9 +449,7 @@ def test_int4_blocks_round_trip_and_match_matmulnbits(tmp_path: Path) -> None:
     assert packed.shape == (6, 2, 16) and scales.shape == (12,)
     restored = unpack_int4_blocks(packed, scales, 40)
     assert np.abs(restored - values).max() <= scales.max() / 2 + 1e-6
-    out, _ = _quantize(
-        _mlp(hidden=64), tmp_path, weight_bits=4, block_size=16, target_cosine=0.0
-    )
+    out, _ = _quantize(_mlp(hidden=64), tmp_path, weight_bits=4, block_size=16, target_cosine=0.0)
     assert _ops(out)["MatMulNBits"] == 2
     inits = _initializers(out)
     feed = {"x": np.random.default_rng(4).standard_normal((3, 16)).astype(np.float32)}
@@ -518,3 +527,23 @@ def test_fallback_dynamic_reports_what_moved(tmp_path: Path) -> None:
         result.stats.get("excluded_for_accuracy", {})
     )
     assert "mm2" in moved
+
+
+def test_embedding_tables_become_int8_rows(tmp_path: Path) -> None:
+    table = np.random.default_rng(0).standard_normal((1000, 72)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["y"], name="embed")]
+    proto = make_model(
+        nodes,
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n", 5])],
+        [float_input("y", ["n", 5, 72])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    out, result = _quantize(proto, tmp_path)
+    assert result.modified and result.stats["embeddings"] == 1
+    inits = _initializers(out)
+    assert inits["table_quantized"].dtype == np.int8 and inits["table_row_scale"].shape == (1000, 1)
+    ids = np.array([[0, 5, 999, 5, 17]], np.int64)
+    got = run_ort(out, {"ids": ids})[0]
+    np.testing.assert_allclose(got, table[ids], atol=float(inits["table_row_scale"].max()))
+    _, result = _quantize(proto, tmp_path, embeddings=False)
+    assert not result.modified
