@@ -203,7 +203,7 @@ def collect(
         return stats
     batches = 0
     with runnable_model(model, extra_outputs=names) as runnable:
-        session = make_session(runnable, optimize=False)
+        session = make_session(runnable, optimize=False, arena=False)
         available = {output.name for output in session.get_outputs()}
         missing = [name for name in names if name not in available]
         if missing:

@@ -22,6 +22,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
+from typing import BinaryIO
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +31,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper, helper
-from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
-from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, update_import_domains
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from graphopt.errors import InputError, ModelLoadError
 
@@ -105,6 +106,53 @@ _NATIVE_NUMPY_TYPES = frozenset(
 )
 
 
+def _inline_tensor_proto(constant: gs.Constant) -> onnx.TensorProto:
+    """The constant as graphsurgeon exports it (lazy tensors: their original proto, uncopied)."""
+    return OnnxExporter.export_tensor_proto(constant)
+
+
+class ExternalWriter:
+    """Writes tensors into one external-data file as a model is exported (module rule 4).
+
+    ``keep_source_refs``: tensors still lazily stored in the source's data files keep pointing
+    there (for temporary files written beside the source) instead of being copied.
+    """
+
+    def __init__(self, handle: BinaryIO, location: str, *, keep_source_refs: bool = False) -> None:
+        self.handle = handle
+        self.location = location
+        self.keep_source_refs = keep_source_refs
+        self.offset = 0
+
+    def write(self, constant: gs.Constant) -> onnx.TensorProto:
+        values = constant._values
+        if isinstance(values, ExternalValues):
+            proto = onnx.TensorProto()
+            proto.CopyFrom(values.tensor)
+            proto.name = constant.name
+            if self.keep_source_refs:
+                return proto
+            self._align()
+            length = _copy_external_bytes(proto, values.base_dir, self.handle)
+        else:
+            proto = onnx.TensorProto()
+            proto.CopyFrom(_inline_tensor_proto(constant))
+            proto.name = constant.name
+            raw = _raw_bytes(proto)
+            self._align()
+            self.handle.write(raw)
+            length = len(raw)
+            del raw
+        _point_to_external(proto, self.location, self.offset, length)
+        self.offset += length
+        return proto
+
+    def _align(self) -> None:
+        padding = (-self.offset) % EXTERNAL_ALIGNMENT
+        self.handle.write(b"\0" * padding)
+        self.offset += padding
+
+
 @dataclass
 class Model:
     """An ONNX model opened for editing.
@@ -123,17 +171,55 @@ class Model:
     def opset(self) -> int:
         return int(self.graph.opset)
 
-    def to_proto(self) -> onnx.ModelProto:
-        """Export to a ModelProto; external tensors keep their references to the source file."""
-        exported = gs.export_onnx(self.graph, do_type_check=False)
-        proto = onnx.ModelProto()
-        proto.CopyFrom(self.shell)
-        proto.graph.CopyFrom(exported.graph)
-        del proto.opset_import[:]
-        proto.opset_import.extend(_merge_opsets(self.shell.opset_import, exported.opset_import))
+    def to_proto(self, external: ExternalWriter | None = None) -> onnx.ModelProto:
+        """Export to a ModelProto.
+
+        Without ``external``, lazy external tensors keep their references to the source file and
+        every other weight is copied into the proto. With it, each main-graph constant of at
+        least 1 KiB is written to the writer's data file as it is exported (rule 4), so the
+        proto never holds the weights.
+        """
+        graph = self.graph
+        initializers: list[onnx.TensorProto] = []
+        sparse: list[onnx.SparseTensorProto] = []
+        for tensor in graph.tensors().values():
+            if not isinstance(tensor, gs.Constant):
+                continue
+            if isinstance(tensor._values, SparseValues):
+                sparse.append(OnnxExporter.export_sparse_tensor_proto(tensor))
+            elif external is not None and constant_nbytes(tensor) >= EXTERNAL_THRESHOLD_BYTES:
+                initializers.append(external.write(tensor))
+            else:
+                initializers.append(_inline_tensor_proto(tensor))
+        graph_io = set(map(id, graph.inputs)) | set(map(id, graph.outputs))
+        value_info = [
+            OnnxExporter.export_value_info_proto(tensor, do_type_check=False)
+            for tensor in graph.tensors().values()
+            if isinstance(tensor, gs.Variable)
+            and id(tensor) not in graph_io
+            and (tensor.dtype is not None or tensor.shape is not None)
+        ]
+        proto = _shell_of(self.shell)
+        target = proto.graph
+        target.name = graph.name or ""
+        if graph.doc_string:
+            target.doc_string = graph.doc_string
+        target.node.extend(OnnxExporter.export_node(node) for node in graph.nodes)
+        target.input.extend(
+            OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.inputs
+        )
+        target.output.extend(
+            OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.outputs
+        )
+        target.initializer.extend(initializers)
+        del initializers
+        target.sparse_initializer.extend(sparse)
+        target.value_info.extend(value_info)
         del proto.functions[:]
-        proto.functions.extend(exported.functions)
-        proto.ir_version = max(self.shell.ir_version, exported.ir_version or 0)
+        proto.functions.extend(OnnxExporter.export_function(f) for f in graph.functions)
+        domains = [helper.make_opsetid(d.domain, d.version) for d in update_import_domains(graph)]
+        del proto.opset_import[:]
+        proto.opset_import.extend(_merge_opsets(self.shell.opset_import, domains))
         return proto
 
     def weight_bytes(self) -> int:
@@ -142,29 +228,60 @@ class Model:
 
 
 def skeleton_proto(model: Model) -> onnx.ModelProto:
-    """A light copy for checking and shape inference: big initializers become typed inputs.
+    """A light copy for checking and shape inference: big constants become typed graph inputs.
 
-    No weight bytes are read or copied for them, so this is cheap on multi-GB models.
+    Built node by node from the graphsurgeon graph, so no weight bytes are read or copied for
+    constants above 64 KiB: cheap on multi-GB models.
     """
-    proto = model.to_proto()
-    keep: list[onnx.TensorProto] = []
-    as_inputs: list[onnx.ValueInfoProto] = []
-    for tensor in proto.graph.initializer:
-        heavy = (
-            external_data_helper.uses_external_data(tensor)
-            or tensor.ByteSize() > SKELETON_INLINE_LIMIT_BYTES
-        )
-        if heavy:
-            as_inputs.append(
-                helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+    graph = model.graph
+    nodes = [OnnxExporter.export_node(node) for node in graph.nodes]
+    light: list[onnx.TensorProto] = []
+    heavy: list[onnx.ValueInfoProto] = []
+    for tensor in graph.tensors().values():
+        if not isinstance(tensor, gs.Constant):
+            continue
+        if constant_nbytes(tensor) > SKELETON_INLINE_LIMIT_BYTES or isinstance(
+            tensor._values, ExternalValues
+        ):
+            heavy.append(
+                helper.make_tensor_value_info(
+                    tensor.name, _onnx_dtype(tensor), list(tensor.shape or [])
+                )
             )
         else:
-            keep.append(tensor)
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(keep)
-    proto.graph.input.extend(as_inputs)
+            light.append(OnnxExporter.export_tensor_proto(tensor))
+    value_infos = [
+        OnnxExporter.export_value_info_proto(tensor, do_type_check=False)
+        for tensor in graph.tensors().values()
+        if isinstance(tensor, gs.Variable)
+        and tensor not in graph.inputs
+        and tensor not in graph.outputs
+        and (tensor.dtype is not None or tensor.shape is not None)
+    ]
+    proto_graph = helper.make_graph(
+        nodes,
+        graph.name or "graph",
+        [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.inputs]
+        + heavy,
+        [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.outputs],
+        initializer=light,
+        value_info=value_infos,
+    )
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.shell)
+    proto.graph.CopyFrom(proto_graph)
+    exported_domains = [helper.make_opsetid(d.domain, d.version) for d in graph.import_domains or []]
+    del proto.opset_import[:]
+    proto.opset_import.extend(_merge_opsets(model.shell.opset_import, exported_domains))
     proto.ir_version = max(proto.ir_version, MIN_IR_WITHOUT_INPUT_INITIALIZERS)
     return proto
+
+
+def _onnx_dtype(constant: gs.Constant) -> int:
+    values = constant._values
+    if isinstance(values, LazyValues):
+        return int(values.tensor.data_type)
+    return int(helper.np_dtype_to_tensor_dtype(np.asarray(values).dtype))
 
 
 def _merge_opsets(
@@ -234,9 +351,7 @@ def load_model(path: str | os.PathLike[str]) -> Model:
     external = _check_external_data(proto, base_dir, model_path)
     graph = _import_graph(proto, model_path)
     _attach_external_values(graph, base_dir)
-    shell = onnx.ModelProto()
-    shell.CopyFrom(proto)
-    shell.ClearField("graph")
+    shell = _shell_of(proto)
     return Model(
         graph=graph,
         shell=shell,
@@ -254,15 +369,29 @@ def model_from_proto(proto: onnx.ModelProto, base_dir: Path | None = None) -> Mo
     if base_dir is not None:
         external = _check_external_data(proto, base_dir, Path("<in-memory model>"))
         _attach_external_values(graph, base_dir)
-    shell = onnx.ModelProto()
-    shell.CopyFrom(proto)
-    shell.ClearField("graph")
+    shell = _shell_of(proto)
     return Model(
         graph=graph,
         shell=shell,
         had_external_data=external > 0,
         source_input_names=frozenset(i.name for i in proto.graph.input),
     )
+
+
+def _shell_of(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Every model-level field except the graph, copied without copying the graph's weights."""
+    shell = onnx.ModelProto()
+    for descriptor, value in proto.ListFields():
+        if descriptor.name == "graph":
+            continue
+        target = getattr(shell, descriptor.name)
+        if hasattr(target, "extend"):  # repeated field
+            target.extend(value)
+        elif hasattr(target, "CopyFrom"):  # message field
+            target.CopyFrom(value)
+        else:
+            setattr(shell, descriptor.name, value)
+    return shell
 
 
 def _check_header(proto: onnx.ModelProto, path: Path) -> None:
@@ -343,10 +472,9 @@ def save_model(
     """
     out_path = Path(path)
     check_output_path(out_path, model.source)
-    proto = model.to_proto()
     use_external = external_data
     if use_external is None:
-        use_external = model.had_external_data or _estimated_size(proto) > PROTOBUF_LIMIT_BYTES
+        use_external = model.had_external_data or model.weight_bytes() > PROTOBUF_LIMIT_BYTES
     data_name = out_path.name + ".data"
     if use_external:
         _check_not_input_data(model, out_path.parent / data_name)
@@ -355,8 +483,12 @@ def save_model(
         if use_external:
             data_temp = _temp_beside(out_path.parent / data_name)
             temp_paths.append(data_temp)
-            _write_external(proto, data_temp, data_name, model)
+            with open(data_temp, "wb") as handle:
+                proto = model.to_proto(ExternalWriter(handle, data_name))
+                handle.flush()
+                os.fsync(handle.fileno())
         else:
+            proto = model.to_proto()
             _inline_external(proto, model)
         model_temp = _temp_beside(out_path)
         temp_paths.append(model_temp)
@@ -364,6 +496,7 @@ def save_model(
             handle.write(proto.SerializeToString(deterministic=True))
             handle.flush()
             os.fsync(handle.fileno())
+        del proto
         if use_external:
             os.replace(temp_paths[0], out_path.parent / data_name)
         os.replace(model_temp, out_path)
@@ -376,45 +509,35 @@ def save_model(
 
 
 @contextlib.contextmanager
-def runnable_model(
-    model: Model, extra_outputs: Sequence[str] = ()
-) -> Iterator[onnx.ModelProto | Path]:
-    """The model as ONNX Runtime can load it, with ``extra_outputs`` exposed as graph outputs.
+def runnable_model(model: Model, extra_outputs: Sequence[str] = ()) -> Iterator[Path]:
+    """A temporary file ONNX Runtime can load, with ``extra_outputs`` exposed as graph outputs.
 
-    In memory when it holds no external data and fits in one protobuf; otherwise a temporary
-    file beside the external data it references (removed afterwards), or, when even that would
-    not fit, a temporary full copy saved with external data.
+    Weights are streamed into a temporary external-data file one tensor at a time, so the
+    Python side never holds a second copy of them. A model whose untouched weights live in one
+    external file is written beside it and keeps pointing into it. Files are removed afterwards.
     """
-    proto = model.to_proto()
-    existing = {output.name for output in proto.graph.output}
-    proto.graph.output.extend(
-        helper.make_empty_tensor_value_info(name) for name in extra_outputs if name not in existing
-    )
     sources = set(_external_sources(model).values())
-    fits = _estimated_size(proto) < PROTOBUF_LIMIT_BYTES
-    if not sources and fits:
-        yield proto
-        return
-    if fits and len(sources) == 1:
-        folder = next(iter(sources))
-        temp = _temp_beside(folder / "graphopt-run.onnx")
-        try:
-            temp.write_bytes(proto.SerializeToString())
-            yield temp
-        finally:
-            temp.unlink(missing_ok=True)
-        return
-    with tempfile.TemporaryDirectory(prefix="graphopt-run-") as folder:
-        path = Path(folder) / "model.onnx"
-        save_model(model, path, external_data=True)
-        saved = onnx.load(str(path), load_external_data=False)
-        saved.graph.output.extend(
+    with contextlib.ExitStack() as stack:
+        if len(sources) == 1:
+            folder = next(iter(sources))
+        else:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graphopt-")))
+        model_path = _temp_beside(folder / "graphopt-run.onnx")
+        stack.callback(model_path.unlink, missing_ok=True)
+        data_path = model_path.with_name(model_path.name + ".data")
+        stack.callback(data_path.unlink, missing_ok=True)
+        with open(data_path, "wb") as handle:
+            writer = ExternalWriter(handle, data_path.name, keep_source_refs=len(sources) == 1)
+            proto = model.to_proto(writer)
+        existing = {output.name for output in proto.graph.output}
+        proto.graph.output.extend(
             helper.make_empty_tensor_value_info(name)
             for name in extra_outputs
             if name not in existing
         )
-        path.write_bytes(saved.SerializeToString())
-        yield path
+        model_path.write_bytes(proto.SerializeToString())
+        del proto
+        yield model_path
 
 
 def model_file_bytes(path: Path) -> int:
@@ -485,31 +608,6 @@ def _external_sources(model: Model) -> dict[str, Path]:
         if isinstance(constant._values, ExternalValues):
             sources[constant.name] = constant._values.base_dir
     return sources
-
-
-def _write_external(proto: onnx.ModelProto, data_path: Path, data_name: str, model: Model) -> None:
-    sources = _external_sources(model)
-    offset = 0
-    with open(data_path, "wb") as out:
-        for tensor in _all_tensor_protos(proto):
-            from_source = external_data_helper.uses_external_data(tensor)
-            if not from_source and _inline_nbytes(tensor) < EXTERNAL_THRESHOLD_BYTES:
-                continue
-            padding = (-offset) % EXTERNAL_ALIGNMENT
-            out.write(b"\0" * padding)
-            offset += padding
-            if from_source:
-                base_dir = sources.get(tensor.name, model.source.parent if model.source else Path())
-                length = _copy_external_bytes(tensor, base_dir, out)
-            else:
-                raw = _raw_bytes(tensor)
-                out.write(raw)
-                length = len(raw)
-                del raw
-            _point_to_external(tensor, data_name, offset, length)
-            offset += length
-        out.flush()
-        os.fsync(out.fileno())
 
 
 def _point_to_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:

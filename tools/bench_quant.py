@@ -211,19 +211,16 @@ def evaluate(
 
 
 def _calibration_child(source: str, calib: str, calibrator: str, queue: Any) -> None:
-    from graphopt.calibration import StatRequest, collect
+    """Load, normalize, then calibrate and quantize (no accuracy loop): the pass's own peak."""
     from graphopt.data import input_specs, open_data
     from graphopt.normalize import load_normalized
+    from graphopt.pass_api import PassContext
+    from passes.quant import QuantPass
 
     model, _ = load_normalized(Path(source), materialize_weights=True)
     feeds = open_data(calib, input_specs(model.graph), batch_size=BATCH)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    requests = [
-        StatRequest(node.inputs[0].name, histogram=calibrator != "minmax")
-        for node in model.graph.nodes
-        if node.op == "MatMul"
-    ]
-    collect(model, feeds, requests)
+    QuantPass({"calibrator": calibrator, "target_cosine": 0.0})(model, PassContext(data=feeds))
     queue.put((before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
@@ -261,7 +258,7 @@ def markdown(rows: list[Row], memory: list[dict[str, Any]], setup: dict[str, Any
         )
     lines += [
         "",
-        "Calibration peak RSS (graphopt collector, MiniLM, process total):",
+        "graphopt calibration + quantization peak RSS (MiniLM, whole process, MiB):",
         "",
         "| calibrator | samples | RSS before MB | peak MB |",
         "|---|---|---|---|",
@@ -308,9 +305,13 @@ def main(argv: list[str] | None = None) -> None:
             {
                 "op_types_to_quantize": ["MatMul"],
                 "per_channel": True,
-                "calibrate_method": CalibrationMethod.Percentile,
+                "calibrate_method": CalibrationMethod.MinMax,
                 "activation_type": QuantType.QUInt8,
                 "weight_type": QuantType.QInt8,
+                "extra_options": {
+                    "MatMulConstBOnly": True,
+                    "OpTypesToExcludeOutputQuantization": ["MatMul"],
+                },
             },
         ),
     }
