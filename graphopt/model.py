@@ -13,6 +13,10 @@ Rules this module follows:
    (~2 GB). Tensors are written into the data file one at a time, in graph order, each aligned
    to 4 KiB so ONNX Runtime can memory-map it; bytes of untouched weights are copied from the
    source file in chunks, never materialised as arrays.
+5. Saved models carry no value_info for intermediate tensors. With it, ONNX Runtime fuses
+   Add + LayerNormalization into SkipLayerNormalization, which measured slower on x86 CPU
+   (MiniLM: 14 ms against 1.9 ms for the unfused pair over 12 layers; ORT's own dynamically
+   quantized MiniLM ran 1.52× faster than fp32 with value_info, 1.61× without).
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
-from typing import BinaryIO
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -177,7 +181,7 @@ class Model:
         Without ``external``, lazy external tensors keep their references to the source file and
         every other weight is copied into the proto. With it, each main-graph constant of at
         least 1 KiB is written to the writer's data file as it is exported (rule 4), so the
-        proto never holds the weights.
+        proto never holds the weights. Intermediate tensors get no value_info (rule 5).
         """
         graph = self.graph
         initializers: list[onnx.TensorProto] = []
@@ -191,14 +195,6 @@ class Model:
                 initializers.append(external.write(tensor))
             else:
                 initializers.append(_inline_tensor_proto(tensor))
-        graph_io = set(map(id, graph.inputs)) | set(map(id, graph.outputs))
-        value_info = [
-            OnnxExporter.export_value_info_proto(tensor, do_type_check=False)
-            for tensor in graph.tensors().values()
-            if isinstance(tensor, gs.Variable)
-            and id(tensor) not in graph_io
-            and (tensor.dtype is not None or tensor.shape is not None)
-        ]
         proto = _shell_of(self.shell)
         target = proto.graph
         target.name = graph.name or ""
@@ -214,7 +210,6 @@ class Model:
         target.initializer.extend(initializers)
         del initializers
         target.sparse_initializer.extend(sparse)
-        target.value_info.extend(value_info)
         del proto.functions[:]
         proto.functions.extend(OnnxExporter.export_function(f) for f in graph.functions)
         domains = [helper.make_opsetid(d.domain, d.version) for d in update_import_domains(graph)]
@@ -270,7 +265,9 @@ def skeleton_proto(model: Model) -> onnx.ModelProto:
     proto = onnx.ModelProto()
     proto.CopyFrom(model.shell)
     proto.graph.CopyFrom(proto_graph)
-    exported_domains = [helper.make_opsetid(d.domain, d.version) for d in graph.import_domains or []]
+    exported_domains = [
+        helper.make_opsetid(d.domain, d.version) for d in graph.import_domains or []
+    ]
     del proto.opset_import[:]
     proto.opset_import.extend(_merge_opsets(model.shell.opset_import, exported_domains))
     proto.ir_version = max(proto.ir_version, MIN_IR_WITHOUT_INPUT_INITIALIZERS)

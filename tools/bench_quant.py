@@ -44,6 +44,18 @@ class Row:
     peak_rss_mb: float
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM), in MiB.
+
+    Not ``ru_maxrss``: Linux carries that across fork + exec, so a spawned child would report
+    its parent's peak.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 # --- quantizers, each run in a child process -------------------------------------------------
 
 
@@ -102,7 +114,7 @@ def _child(
     started = time.perf_counter()
     QUANTIZERS[kind](source, target, calib, options)
     seconds = time.perf_counter() - started
-    queue.put((seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    queue.put((seconds, peak_rss_mib()))
 
 
 def run_isolated(
@@ -219,9 +231,9 @@ def _calibration_child(source: str, calib: str, calibrator: str, queue: Any) -> 
 
     model, _ = load_normalized(Path(source), materialize_weights=True)
     feeds = open_data(calib, input_specs(model.graph), batch_size=BATCH)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = peak_rss_mib()
     QuantPass({"calibrator": calibrator, "target_cosine": 0.0})(model, PassContext(data=feeds))
-    queue.put((before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    queue.put((before, peak_rss_mib()))
 
 
 def calibration_memory(source: Path, calib: Path, calibrator: str) -> tuple[float, float]:
@@ -296,7 +308,8 @@ def main(argv: list[str] | None = None) -> None:
 
     minilm_variants: dict[str, tuple[str, dict[str, Any]]] = {
         "graphopt default": ("graphopt", {}),
-        "graphopt smooth 0.5": ("graphopt", {"smooth_alpha": 0.5}),
+        "graphopt smooth_outliers": ("graphopt", {"smooth_outliers": True}),
+        "graphopt smooth_alpha 0.5": ("graphopt", {"smooth_alpha": 0.5}),
         "ort dynamic": ("ort_dynamic", {}),
         "ort dynamic per-channel": ("ort_dynamic", {"per_channel": True}),
         "ort static default": ("ort_static", {}),
