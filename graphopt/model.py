@@ -590,14 +590,6 @@ def _temp_beside(target: Path) -> Path:
     return Path(name)
 
 
-def _estimated_size(proto: onnx.ModelProto) -> int:
-    total = 0
-    for tensor in _all_tensor_protos(proto):
-        if not external_data_helper.uses_external_data(tensor):
-            total += tensor.ByteSize()
-    return total + proto.graph.ByteSize() // 8
-
-
 def _external_sources(model: Model) -> dict[str, Path]:
     """Map initializer name → base dir for tensors whose bytes live in the source's data files."""
     sources: dict[str, Path] = {}
@@ -614,12 +606,6 @@ def _point_to_external(tensor: onnx.TensorProto, location: str, offset: int, len
         entry = tensor.external_data.add()
         entry.key = key
         entry.value = value
-
-
-def _inline_nbytes(tensor: onnx.TensorProto) -> int:
-    if tensor.HasField("raw_data"):
-        return len(tensor.raw_data)
-    return tensor.ByteSize()
 
 
 def _raw_bytes(tensor: onnx.TensorProto) -> bytes:

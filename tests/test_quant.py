@@ -88,6 +88,47 @@ def _mlp(hidden: int = 32) -> onnx.ModelProto:
     )
 
 
+def _loud_channel_model(channels: list[int], gain: float) -> onnx.ModelProto:
+    """x → MatMul → ×gain on ``channels`` → MatMul. The loud channels do not dominate the output
+    (their weight rows are divided by the gain); they only stretch mm2's input range."""
+    boost = np.ones(32, np.float32)
+    boost[channels] = gain
+    w2 = numpy_helper.to_array(weight("W2", (32, 8), 2)).copy()
+    w2[channels] /= gain
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+        helper.make_node("Mul", ["h", "boost"], ["hb"], name="boost"),
+        helper.make_node("MatMul", ["hb", "W2"], ["y"], name="mm2"),
+    ]
+    return make_model(
+        nodes,
+        [float_input("x", ["n", 16])],
+        [float_input("y", ["n", 8])],
+        [
+            weight("W1", (16, 32), 1),
+            numpy_helper.from_array(boost, "boost"),
+            numpy_helper.from_array(w2, "W2"),
+        ],
+    )
+
+
+def _layer_norm_model(readers: list[onnx.NodeProto], weights: list[str]) -> onnx.ModelProto:
+    """LayerNorm with one loud channel in its scale, read by ``readers``."""
+    gamma = np.ones(16, np.float32)
+    gamma[5] = 60.0  # an outlier channel produced by the LayerNorm scale
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n1"], axis=-1, name="ln"),
+        *readers,
+    ]
+    return make_model(
+        nodes,
+        [float_input("x", ["n", 16])],
+        [float_input("y", ["n", 16])],
+        [numpy_helper.from_array(gamma, "gamma"), weight("beta", (16,), 3)]
+        + [weight(name, (16, 16), index + 1) for index, name in enumerate(weights)],
+    )
+
+
 # --- arithmetic -----------------------------------------------------------------------------
 
 
@@ -306,49 +347,20 @@ def test_zeros_survive_quantization(tmp_path: Path) -> None:
 
 def test_accuracy_driven_mode_moves_the_most_harmful_node_back(tmp_path: Path) -> None:
     # mm2 reads an activation with one huge outlier channel: its quantization hurts the most.
-    nodes = [
-        helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
-        helper.make_node("Mul", ["h", "boost"], ["hb"], name="boost"),
-        helper.make_node("MatMul", ["hb", "W2"], ["y"], name="mm2"),
-    ]
-    boost = np.ones(32, np.float32)
-    boost[3] = 500.0
-    w2 = numpy_helper.to_array(weight("W2", (32, 8), 2)).copy()
-    w2[3] /= 500.0  # the loud channel does not dominate the output, it only ruins the range
-    proto = make_model(
-        nodes,
-        [float_input("x", ["n", 16])],
-        [float_input("y", ["n", 8])],
-        [
-            weight("W1", (16, 32), 1),
-            numpy_helper.from_array(boost, "boost"),
-            numpy_helper.from_array(w2, "W2"),
-        ],
-    )
+    proto = _loud_channel_model([3], 500.0)
     _, result = _quantize(proto, tmp_path, target_cosine=0.9999, calibrator="minmax")
     assert "mm2" in result.stats["excluded_for_accuracy"]
     assert "mm2" not in result.touched
 
 
 def test_smoothquant_folds_into_layernorm_and_helps(tmp_path: Path) -> None:
-    gamma = np.ones(16, np.float32)
-    gamma[5] = 60.0  # an outlier channel produced by the LayerNorm scale
-    nodes = [
-        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n1"], axis=-1, name="ln"),
-        helper.make_node("MatMul", ["n1", "Wq"], ["q"], name="q_proj"),
-        helper.make_node("MatMul", ["n1", "Wk"], ["k"], name="k_proj"),
-        helper.make_node("Add", ["q", "k"], ["y"], name="add"),
-    ]
-    proto = make_model(
-        nodes,
-        [float_input("x", ["n", 16])],
-        [float_input("y", ["n", 16])],
+    proto = _layer_norm_model(
         [
-            numpy_helper.from_array(gamma, "gamma"),
-            weight("beta", (16,), 3),
-            weight("Wq", (16, 16), 1),
-            weight("Wk", (16, 16), 2),
+            helper.make_node("MatMul", ["n1", "Wq"], ["q"], name="q_proj"),
+            helper.make_node("MatMul", ["n1", "Wk"], ["k"], name="k_proj"),
+            helper.make_node("Add", ["q", "k"], ["y"], name="add"),
         ],
+        ["Wq", "Wk"],
     )
     feed = {"x": np.random.default_rng(9).standard_normal((64, 16)).astype(np.float32)}
     reference = run_ort(proto, feed)[0]
@@ -465,25 +477,7 @@ def test_bad_weight_bits_is_rejected() -> None:
 
 
 def test_outlier_split_keeps_loud_channels_in_float(tmp_path: Path) -> None:
-    boost = np.ones(32, np.float32)
-    boost[[3, 17]] = 300.0
-    w2 = numpy_helper.to_array(weight("W2", (32, 8), 2)).copy()
-    w2[[3, 17]] /= 300.0
-    nodes = [
-        helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
-        helper.make_node("Mul", ["h", "boost"], ["hb"], name="boost"),
-        helper.make_node("MatMul", ["hb", "W2"], ["y"], name="mm2"),
-    ]
-    proto = make_model(
-        nodes,
-        [float_input("x", ["n", 16])],
-        [float_input("y", ["n", 8])],
-        [
-            weight("W1", (16, 32), 1),
-            numpy_helper.from_array(boost, "boost"),
-            numpy_helper.from_array(w2, "W2"),
-        ],
-    )
+    proto = _loud_channel_model([3, 17], 300.0)
     feed = {"x": np.random.default_rng(6).standard_normal((32, 16)).astype(np.float32)}
     reference = run_ort(proto, feed)[0]
     plain, _ = _quantize(proto, tmp_path, target_cosine=0.0, calibrator="minmax")
@@ -498,25 +492,7 @@ def test_outlier_split_keeps_loud_channels_in_float(tmp_path: Path) -> None:
 
 
 def test_fallback_dynamic_reports_what_moved(tmp_path: Path) -> None:
-    nodes = [
-        helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
-        helper.make_node("Mul", ["h", "boost"], ["hb"], name="boost"),
-        helper.make_node("MatMul", ["hb", "W2"], ["y"], name="mm2"),
-    ]
-    boost = np.ones(32, np.float32)
-    boost[3] = 500.0
-    w2 = numpy_helper.to_array(weight("W2", (32, 8), 2)).copy()
-    w2[3] /= 500.0
-    proto = make_model(
-        nodes,
-        [float_input("x", ["n", 16])],
-        [float_input("y", ["n", 8])],
-        [
-            weight("W1", (16, 32), 1),
-            numpy_helper.from_array(boost, "boost"),
-            numpy_helper.from_array(w2, "W2"),
-        ],
-    )
+    proto = _loud_channel_model([3], 500.0)
     _, result = _quantize(
         proto, tmp_path, target_cosine=0.9999, calibrator="minmax", fallback="dynamic"
     )
@@ -547,22 +523,12 @@ def test_embedding_tables_become_int8_rows(tmp_path: Path) -> None:
 
 
 def test_outlier_smoothing_uses_a_layernorm_copy_when_others_read_it(tmp_path: Path) -> None:
-    gamma = np.ones(16, np.float32)
-    gamma[5] = 60.0
-    nodes = [
-        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n1"], axis=-1, name="ln"),
-        helper.make_node("MatMul", ["n1", "Wq"], ["q"], name="q_proj"),
-        helper.make_node("Add", ["q", "n1"], ["y"], name="residual"),
-    ]
-    proto = make_model(
-        nodes,
-        [float_input("x", ["n", 16])],
-        [float_input("y", ["n", 16])],
+    proto = _layer_norm_model(
         [
-            numpy_helper.from_array(gamma, "gamma"),
-            weight("beta", (16,), 3),
-            weight("Wq", (16, 16), 1),
+            helper.make_node("MatMul", ["n1", "Wq"], ["q"], name="q_proj"),
+            helper.make_node("Add", ["q", "n1"], ["y"], name="residual"),
         ],
+        ["Wq"],
     )
     feed = {"x": np.random.default_rng(9).standard_normal((64, 16)).astype(np.float32)}
     reference = run_ort(proto, feed)[0]
