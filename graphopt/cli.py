@@ -326,6 +326,8 @@ def optimize_command(
             click.echo(f"validation data: {info['description']}")
         elif kind == "pass-start" and sys.stderr.isatty():
             click.echo(f"running {info['name']} …", err=True)
+        elif kind == "progress" and sys.stderr.isatty():
+            click.echo(f"\r{info['label']}: batch {info['index'] + 1}", err=True, nl=False)
         elif kind == "validate-batch" and sys.stderr.isatty():
             click.echo(f"\rvalidating: batch {info['index'] + 1}", err=True, nl=False)
 

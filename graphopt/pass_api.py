@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -82,6 +82,12 @@ class PassContext:
     seed: int = 0
     claims: WeightClaims = field(default_factory=WeightClaims)
     scope: frozenset[str] | None = None
+    progress: Callable[[str, int], None] | None = None
+    """Called with a step label and a batch index during long data-driven steps (for the CLI)."""
+
+    def report_progress(self, label: str, index: int) -> None:
+        if self.progress is not None:
+            self.progress(label, index)
 
     def in_scope(self, node_name: str) -> bool:
         return self.scope is None or node_name in self.scope

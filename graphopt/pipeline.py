@@ -129,7 +129,12 @@ def optimize(
         emit("validation-data", {"description": check_feeds.description})
 
     started = time.perf_counter()
-    model, run_report = manager.run(model, PassContext(data=feeds, seed=seed))
+    context = PassContext(
+        data=feeds,
+        seed=seed,
+        progress=lambda label, index: emit("progress", {"label": label, "index": index}),
+    )
+    model, run_report = manager.run(model, context)
     timings["passes"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -308,7 +308,12 @@ class QuantPass(Pass):
         if self.options["smooth_alpha"] > 0 or self.options["smooth_outliers"]:
             smoothed = self._smooth(model, candidates, calibration_feeds)
             logger.info("quant: smoothing rescaled %d nodes", smoothed)
-        stats = collect(model, calibration_feeds, self._requests(candidates))
+        stats = collect(
+            model,
+            calibration_feeds,
+            self._requests(candidates),
+            on_batch=lambda index: context.report_progress("quant: calibrating", index),
+        )
         candidates = self._large_enough(
             candidates, stats, calibration_feeds.count_samples(), report
         )

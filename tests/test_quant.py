@@ -540,3 +540,21 @@ def test_outlier_smoothing_uses_a_layernorm_copy_when_others_read_it(tmp_path: P
     ops = _ops(smooth)
     assert ops["LayerNormalization"] == 2 and ops["Mul"] == 0
     assert _cosine(reference, run_ort(smooth, feed)[0]) > plain_cosine
+
+
+def test_calibration_reports_progress(tmp_path: Path) -> None:
+    import graphopt
+
+    events: list[tuple[str, dict]] = []
+    graphopt.optimize(
+        DIGITS_MODEL,
+        tmp_path / "o.onnx",
+        ["quant"],
+        data=DIGITS_DATA,
+        options={"quant": {"min_macs": 0, "target_cosine": 0}},
+        validate=False,
+        on_event=lambda kind, info: events.append((kind, info)),
+    )
+    progress = [info for kind, info in events if kind == "progress"]
+    assert [p["index"] for p in progress] == list(range(8))
+    assert progress[0]["label"] == "quant: calibrating"
