@@ -281,40 +281,24 @@ class MetricAccumulator:
                 )
             )
             return
+        result.checks.append(_at_least("cosine", "cosine", result.cosine, criteria.min_cosine))
         result.checks.append(
-            Check(
-                "cosine",
-                result.cosine >= criteria.min_cosine,
-                f"cosine {result.cosine:.6f} < {criteria.min_cosine:g}"
-                if result.cosine < criteria.min_cosine
-                else f"cosine {result.cosine:.6f}",
-                result.cosine,
-                criteria.min_cosine,
-            )
-        )
-        result.checks.append(
-            Check(
-                "snr",
-                result.snr_db >= criteria.min_snr_db,
-                f"SNR {result.snr_db:.2f} dB < {criteria.min_snr_db:g} dB"
-                if result.snr_db < criteria.min_snr_db
-                else f"SNR {result.snr_db:.2f} dB",
-                result.snr_db,
-                criteria.min_snr_db,
-            )
+            _at_least("snr", "SNR", result.snr_db, criteria.min_snr_db, digits=2, unit=" dB")
         )
         if criteria.min_top1 is not None and result.top1 is not None:
             result.checks.append(
-                Check(
-                    "top1",
-                    result.top1 >= criteria.min_top1,
-                    f"top-1 {result.top1:.4f} < {criteria.min_top1:g}"
-                    if result.top1 < criteria.min_top1
-                    else f"top-1 {result.top1:.4f}",
-                    result.top1,
-                    criteria.min_top1,
-                )
+                _at_least("top1", "top-1", result.top1, criteria.min_top1, digits=4)
             )
+
+
+def _at_least(
+    criterion: str, label: str, value: float, minimum: float, *, digits: int = 6, unit: str = ""
+) -> Check:
+    """A check that ``value`` reaches ``minimum``; the message shows both when it does not."""
+    shown = f"{label} {value:.{digits}f}{unit}"
+    passed = value >= minimum
+    message = shown if passed else f"{shown} < {minimum:g}{unit}"
+    return Check(criterion, passed, message, value, minimum)
 
 
 def _first_line(error: BaseException) -> str:

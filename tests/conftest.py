@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +17,19 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DIGITS_MODEL = REPO_ROOT / "models" / "digits_cnn.onnx"
 DIGITS_DATA = REPO_ROOT / "models" / "digits_sample.npz"
 RTOL, ATOL = 1e-4, 1e-5
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run the CLI in process; returns (exit code, stdout, stderr)."""
+    from graphopt.cli import main
+
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def run_ort(

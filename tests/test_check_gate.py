@@ -11,7 +11,6 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from graphopt.cli import main
 from graphopt.data import synthesize
 from graphopt.latency import measure_latency
 from graphopt.localize import compare_tensors, first_divergence
@@ -20,13 +19,7 @@ from graphopt.normalize import normalize
 from graphopt.ort import node_placement
 from graphopt.validate import Criteria
 
-from .conftest import DIGITS_DATA, DIGITS_MODEL, float_input, make_model, weight
-
-
-def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main(args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from .conftest import DIGITS_DATA, DIGITS_MODEL, float_input, make_model, run_cli, weight
 
 
 def _chain(depth: int = 6) -> onnx.ModelProto:
@@ -90,7 +83,7 @@ def test_check_identical_models_pass_with_size_and_latency(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     junit, report = tmp_path / "check.xml", tmp_path / "check.json"
-    code, stdout, _ = _cli(
+    code, stdout, _ = run_cli(
         [
             "check",
             str(DIGITS_MODEL),
@@ -129,7 +122,7 @@ def test_check_broken_candidate_fails_with_junit_failure(
     onnx.save(_chain(), str(reference))
     onnx.save(_broken_in_the_middle(_chain(), 2), str(candidate))
     junit = tmp_path / "check.xml"
-    code, stdout, _ = _cli(
+    code, stdout, _ = run_cli(
         ["check", str(reference), str(candidate), "--junit", str(junit), "--per-tensor"], capsys
     )
     assert code == 1
@@ -164,7 +157,7 @@ def test_check_flags_nan_candidates(tmp_path: Path, capsys: pytest.CaptureFixtur
     )
     onnx.save(good, str(reference))
     onnx.save(bad, str(candidate))
-    code, stdout, _ = _cli(
+    code, stdout, _ = run_cli(
         ["check", str(reference), str(candidate), "--min-cosine", "-1", "--min-snr", "-1000"],
         capsys,
     )
@@ -187,7 +180,7 @@ def test_check_usage_errors(
 
     if "cuda" in extra[-1] and "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has the CUDA provider")
-    code, _, stderr = _cli(["check", str(DIGITS_MODEL), str(DIGITS_MODEL), *extra], capsys)
+    code, _, stderr = run_cli(["check", str(DIGITS_MODEL), str(DIGITS_MODEL), *extra], capsys)
     assert code == 2
     assert expected in stderr and len(stderr.strip().splitlines()) == 1
 
@@ -197,7 +190,7 @@ def test_check_rejects_non_onnx_candidate(
 ) -> None:
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"junk")
-    code, _, stderr = _cli(["check", str(DIGITS_MODEL), str(junk)], capsys)
+    code, _, stderr = run_cli(["check", str(DIGITS_MODEL), str(junk)], capsys)
     assert code == 2 and "not" in stderr
 
 
@@ -207,7 +200,7 @@ def test_bisect_finds_the_pass_and_the_node(
     source = tmp_path / "chain.onnx"
     onnx.save(_chain(), str(source))
     report = tmp_path / "report.json"
-    code, stdout, _ = _cli(
+    code, stdout, _ = run_cli(
         [
             "optimize",
             str(source),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -12,28 +11,16 @@ import numpy as np
 import onnx
 import pytest
 
-from graphopt.cli import main
-
-from .conftest import DIGITS_DATA, DIGITS_MODEL, REPO_ROOT
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main(args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from .conftest import DIGITS_DATA, DIGITS_MODEL, REPO_ROOT, run_cli, sha256_of
 
 
 def test_optimize_bundled_model_prints_plan_stats_and_validation(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    before = _sha(DIGITS_MODEL)
+    before = sha256_of(DIGITS_MODEL)
     out = tmp_path / "digits_opt.onnx"
     report = tmp_path / "report.json"
-    code, stdout, _ = _cli(
+    code, stdout, _ = run_cli(
         [
             "optimize",
             str(DIGITS_MODEL),
@@ -52,7 +39,7 @@ def test_optimize_bundled_model_prints_plan_stats_and_validation(
     assert "[1/1] cleanup" in stdout
     assert "validation: PASSED" in stdout
     assert "logits" in stdout
-    assert _sha(DIGITS_MODEL) == before, "the input model must never change"
+    assert sha256_of(DIGITS_MODEL) == before, "the input model must never change"
     data = json.loads(report.read_text())
     assert data["passed"] and data["plan"] == ["cleanup"]
     assert data["validation"]["comparisons"][0]["top1"] == 1.0
@@ -66,17 +53,17 @@ def test_optimize_is_byte_identical_across_runs(
     outputs = []
     for name in ("a.onnx", "b.onnx"):
         out = tmp_path / name
-        code, _, _ = _cli(
+        code, _, _ = run_cli(
             ["optimize", str(DIGITS_MODEL), str(out), "--passes", "cleanup", "--no-validate"],
             capsys,
         )
         assert code == 0
-        outputs.append(_sha(out))
+        outputs.append(sha256_of(out))
     assert outputs[0] == outputs[1]
 
 
 def test_synthetic_data_warns_loudly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, stdout, stderr = _cli(
+    code, stdout, stderr = run_cli(
         ["optimize", str(DIGITS_MODEL), str(tmp_path / "o.onnx"), "--passes", "cleanup"], capsys
     )
     assert code == 0
@@ -96,12 +83,12 @@ def test_failed_budget_exits_1_and_keeps_output(
         "--calib-data",
         str(DIGITS_DATA),
     ]
-    code, stdout, _ = _cli(args, capsys)
+    code, stdout, _ = run_cli(args, capsys)
     assert code == 1, stdout
     assert "plan: cleanup → noise" in stdout
     assert "validation: FAILED" in stdout and "cosine" in stdout
     assert out.exists()
-    code, stdout, _ = _cli([*args, "-o", "noise.scale=0.001"], capsys)
+    code, stdout, _ = run_cli([*args, "-o", "noise.scale=0.001"], capsys)
     assert code == 0, stdout
     assert "validation: PASSED" in stdout
 
@@ -175,8 +162,8 @@ def test_bad_input_is_one_line_exit_2_and_no_output(
     case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args, expected = _bad_inputs(tmp_path)[case]
-    before = _sha(DIGITS_MODEL)
-    code, _, stderr = _cli(args, capsys)
+    before = sha256_of(DIGITS_MODEL)
+    code, _, stderr = run_cli(args, capsys)
     assert code == 2
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1, stderr
@@ -185,7 +172,7 @@ def test_bad_input_is_one_line_exit_2_and_no_output(
     assert "Traceback" not in stderr
     assert not (tmp_path / "out.onnx").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    assert _sha(DIGITS_MODEL) == before
+    assert sha256_of(DIGITS_MODEL) == before
 
 
 def test_cuda_without_gpu_is_a_clear_message(
@@ -195,7 +182,7 @@ def test_cuda_without_gpu_is_a_clear_message(
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has the CUDA provider")
-    code, _, stderr = _cli(
+    code, _, stderr = run_cli(
         [
             "optimize",
             str(DIGITS_MODEL),
@@ -215,7 +202,7 @@ def test_cuda_without_gpu_is_a_clear_message(
 def test_recipe_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("passes: [cleanup]\noptions:\n  cleanup:\n    fold_shapes: false\n")
-    code, stdout, _ = _cli(
+    code, stdout, _ = run_cli(
         [
             "optimize",
             str(DIGITS_MODEL),
@@ -229,28 +216,28 @@ def test_recipe_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert code == 0 and "plan: cleanup" in stdout
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"passes": ["cleanup"], "stages": []}))
-    code, _, stderr = _cli(
+    code, _, stderr = run_cli(
         ["optimize", str(DIGITS_MODEL), str(tmp_path / "p.onnx"), "--recipe", str(bad)], capsys
     )
     assert code == 2 and "unknown key 'stages'" in stderr
 
 
 def test_passes_lists_options_from_the_schema(capsys: pytest.CaptureFixture[str]) -> None:
-    code, stdout, _ = _cli(["passes"], capsys)
+    code, stdout, _ = run_cli(["passes"], capsys)
     assert code == 0
     assert "cleanup (exact)" in stdout
     assert "-o cleanup.max_growth_bytes=1048576" in stdout
 
 
 def test_inspect(capsys: pytest.CaptureFixture[str]) -> None:
-    code, stdout, _ = _cli(["inspect", str(DIGITS_MODEL), "--json"], capsys)
+    code, stdout, _ = run_cli(["inspect", str(DIGITS_MODEL), "--json"], capsys)
     assert code == 0
     summary = json.loads(stdout)
     assert summary["op_histogram"]["Conv"] == 2
     assert summary["parameters"] > 10_000
     assert summary["flops"]["Conv"] > 0
     assert summary["opsets"] == {"ai.onnx": 17}
-    code, stdout, _ = _cli(["inspect", str(DIGITS_MODEL)], capsys)
+    code, stdout, _ = run_cli(["inspect", str(DIGITS_MODEL)], capsys)
     assert code == 0 and "FLOPs" in stdout and "parameters" in stdout
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +12,7 @@ from onnx import helper
 from graphopt.errors import InputError, ModelLoadError
 from graphopt.model import ExternalValues, load_model, save_model
 
-from .conftest import assert_same_outputs, float_input, make_model, weight
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+from .conftest import assert_same_outputs, float_input, make_model, sha256_of, weight
 
 
 def _big_model() -> onnx.ModelProto:
@@ -134,11 +129,11 @@ def test_external_tensor_values_read_from_model_folder(tmp_path: Path) -> None:
 def test_save_refuses_to_overwrite_input(tmp_path: Path, mlp_model: onnx.ModelProto) -> None:
     path = tmp_path / "m.onnx"
     onnx.save(mlp_model, str(path))
-    before = _sha(path)
+    before = sha256_of(path)
     model = load_model(path)
     with pytest.raises(InputError, match="is the input model"):
         save_model(model, path)
-    assert _sha(path) == before
+    assert sha256_of(path) == before
 
 
 def test_save_refuses_missing_folder(tmp_path: Path, mlp_model: onnx.ModelProto) -> None:
@@ -154,7 +149,7 @@ def test_save_is_deterministic_and_leaves_no_temp_files(tmp_path: Path) -> None:
     first, second = tmp_path / "a.onnx", tmp_path / "b.onnx"
     save_model(load_model(source), first)
     save_model(load_model(source), second)
-    assert _sha(first.with_name("a.onnx.data")) == _sha(second.with_name("b.onnx.data"))
+    assert sha256_of(first.with_name("a.onnx.data")) == sha256_of(second.with_name("b.onnx.data"))
     first_proto = onnx.load(str(first), load_external_data=False)
     second_proto = onnx.load(str(second), load_external_data=False)
     for tensor in second_proto.graph.initializer:
