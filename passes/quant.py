@@ -1009,8 +1009,8 @@ class _Evaluator:
         self, quant: QuantPass, plan: list[Candidate], ranges: dict[str, tuple[float, float]]
     ) -> float:
         """The worst per-output cosine over the held-aside feeds with ``plan`` quantized."""
-        variant = _copy_model(self.model)
-        mapping = _node_map(self.model.graph, variant.graph)
+        variant = replace(self.model, graph=self.model.graph.copy())
+        mapping = _node_map(variant.graph)
         moved = [_rebind(c, mapping) for c in plan]
         quant._apply(variant.graph, moved, ranges)
         outputs = self._outputs(variant)
@@ -1021,19 +1021,8 @@ class _Evaluator:
         return worst
 
 
-def _copy_model(model: Model) -> Model:
-    return Model(
-        graph=model.graph.copy(),
-        shell=model.shell,
-        source=model.source,
-        had_external_data=model.had_external_data,
-        source_input_names=model.source_input_names,
-    )
-
-
-def _node_map(original: gs.Graph, copy: gs.Graph) -> dict[str, gs.Node]:
-    del original
-    return {node.name: node for node in copy.nodes}
+def _node_map(graph: gs.Graph) -> dict[str, gs.Node]:
+    return {node.name: node for node in graph.nodes}
 
 
 def _rebind(candidate: Candidate, mapping: dict[str, gs.Node]) -> Candidate:
