@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -33,6 +33,8 @@ from graphopt.ort import make_session
 logger = logging.getLogger(__name__)
 
 HISTOGRAM_BINS = 4096
+GRAM_PRODUCT_ROWS = 1024
+GRAM_FLUSH_ROWS = 65536
 MASK_MAGNITUDE = 1e30
 CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
 
@@ -126,6 +128,10 @@ class TensorStats:
     channel_sumsq: np.ndarray | None = None
     gram: np.ndarray | None = None
     rows: int = 0
+    _pending_gram: np.ndarray | None = field(default=None, repr=False)
+    _pending_rows: int = field(default=0, repr=False)
+    _row_buffer: list[np.ndarray] = field(default_factory=list, repr=False)
+    _buffered_rows: int = field(default=0, repr=False)
 
     @property
     def unquantizable_reason(self) -> str | None:
@@ -140,6 +146,12 @@ class TensorStats:
         values = np.asarray(array)
         if values.dtype.kind not in "fc":
             return
+        if request.minmax or request.histogram:
+            self._update_values(values, request)
+        if request.channel_absmax or request.channel_sumsq or request.gram:
+            self._update_channels(values, request)
+
+    def _update_values(self, values: np.ndarray, request: StatRequest) -> None:
         flat = values.reshape(-1).astype(np.float64, copy=False)
         finite_mask = np.isfinite(flat)
         infinite = int(np.isinf(flat).sum())
@@ -155,14 +167,14 @@ class TensorStats:
         if request.histogram:
             self.histogram = self.histogram or RunningHistogram()
             self.histogram.add(finite)
-        if request.channel_absmax or request.channel_sumsq or request.gram:
-            self._update_channels(values, request)
 
     def _update_channels(self, values: np.ndarray, request: StatRequest) -> None:
         if values.ndim == 0:
             return
         rows = np.moveaxis(values, request.channel_axis, -1)
-        rows = rows.reshape(-1, rows.shape[-1]).astype(np.float64)
+        rows = rows.reshape(-1, rows.shape[-1])
+        if rows.dtype.itemsize < 4:  # float16 products would overflow
+            rows = rows.astype(np.float32)
         rows = np.where(np.isfinite(rows) & (np.abs(rows) < MASK_MAGNITUDE), rows, 0.0)
         self.rows += rows.shape[0]
         if request.channel_absmax:
@@ -171,11 +183,41 @@ class TensorStats:
                 peak if self.channel_absmax is None else np.maximum(self.channel_absmax, peak)
             )
         if request.channel_sumsq:
-            sumsq = (rows * rows).sum(axis=0)
+            sumsq = np.einsum("ij,ij->j", rows, rows, dtype=np.float64)
             self.channel_sumsq = sumsq if self.channel_sumsq is None else self.channel_sumsq + sumsq
         if request.gram:
-            gram = rows.T @ rows
-            self.gram = gram if self.gram is None else self.gram + gram
+            self._accumulate_gram(rows)
+
+    def _accumulate_gram(self, rows: np.ndarray) -> None:
+        """XᵀX: rows are buffered until a product is worth a BLAS call (small batches would make
+        every call a memory-bound pass over a K×K matrix), multiplied in float32, and folded
+        into the float64 total every ``GRAM_FLUSH_ROWS`` rows."""
+        self._row_buffer.append(np.array(rows, dtype=np.float32))
+        self._buffered_rows += rows.shape[0]
+        if self._buffered_rows >= GRAM_PRODUCT_ROWS:
+            self._multiply_buffer()
+        if self._pending_rows >= GRAM_FLUSH_ROWS:
+            self.finish()
+
+    def _multiply_buffer(self) -> None:
+        if not self._row_buffer:
+            return
+        rows = np.concatenate(self._row_buffer)
+        self._row_buffer, self._buffered_rows = [], 0
+        product = rows.T @ rows
+        if self._pending_gram is None:
+            self._pending_gram = product
+        else:
+            self._pending_gram += product
+        self._pending_rows += rows.shape[0]
+
+    def finish(self) -> None:
+        """Fold pending partial sums into the exposed statistics (the collector calls this)."""
+        self._multiply_buffer()
+        if self._pending_gram is not None:
+            pending = self._pending_gram.astype(np.float64)
+            self.gram = pending if self.gram is None else self.gram + pending
+            self._pending_gram, self._pending_rows = None, 0
 
 
 def merge_requests(requests: Iterable[StatRequest]) -> dict[str, StatRequest]:
@@ -218,6 +260,8 @@ def collect(
             if on_batch is not None:
                 on_batch(index)
         del session
+    for tensor_stats in stats.values():
+        tensor_stats.finish()
     if batches == 0:
         raise DataError(f"{feeds.description}: no samples to calibrate on")
     skipped = {name: s.nonfinite for name, s in stats.items() if s.nonfinite}

@@ -7,12 +7,13 @@ decides what reaches the terminal: the plan, per-pass stats and tables go to std
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,19 +65,18 @@ def _fmt(value: float | None, digits: int = 6) -> str:
     return f"{value:.{digits}f}" if abs(value) < 1e4 else f"{value:.3g}"
 
 
+LOGGER_NAMES = ("graphopt", "passes")
+
+
 def _setup_logging(verbose: int, debug: bool) -> None:
     level = logging.DEBUG if debug or verbose >= 2 else logging.INFO if verbose else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("graphopt")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
-    for name in ("passes",):
-        other = logging.getLogger(name)
-        other.handlers[:] = [handler]
-        other.setLevel(level)
-        other.propagate = False
+    for name in LOGGER_NAMES:
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(level)
+        logger.propagate = False
     try:
         from onnx_graphsurgeon.logger import G_LOGGER
 
@@ -149,10 +149,13 @@ def _print_report(report: OptimizeReport) -> None:
 
 
 def _describe_stats(stats: dict[str, Any]) -> str:
+    """One line per pass: per-item details (dicts of dicts or lists) are left to ``--report``."""
     parts = []
     for key, value in stats.items():
         if isinstance(value, dict):
-            if value:
+            if any(isinstance(item, dict | list) for item in value.values()):
+                parts.append(f"{key}=[{len(value)} entries in --report]")
+            elif value:
                 inner = ", ".join(f"{k}: {v}" for k, v in value.items())
                 parts.append(f"{key}={{{inner}}}")
         else:
@@ -534,6 +537,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the CLI and map every error to one line and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    with _logging_restored():
+        return _run(args, debug)
+
+
+@contextlib.contextmanager
+def _logging_restored() -> Iterator[None]:
+    """Undo the CLI's logging setup on return, so in-process callers keep their own."""
+    saved = [
+        (logger, list(logger.handlers), logger.level, logger.propagate)
+        for logger in map(logging.getLogger, LOGGER_NAMES)
+    ]
+    try:
+        yield
+    finally:
+        for logger, handlers, level, propagate in saved:
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+            logger.propagate = propagate
+
+
+def _run(args: list[str], debug: bool) -> int:
     try:
         result = cli.main(args=args, prog_name="graphopt", standalone_mode=False)
     except click.exceptions.Exit as done:

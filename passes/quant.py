@@ -6,9 +6,7 @@ see :class:`QuantPass` for the rules. Placement is data (:data:`PLACEMENT`), not
 
 from __future__ import annotations
 
-import fnmatch
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -38,6 +36,7 @@ from graphopt.qdq import (
     quantize_bias,
     quantize_weight,
 )
+from graphopt.selection import count_reasons, count_values, matches_any
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +300,7 @@ class QuantPass(Pass):
             logger.warning("quant: nothing to quantize (%d nodes skipped)", len(report.skipped))
             stats = {"quantized": 0, "embeddings": len(embeddings)}
             if report.skipped:
-                stats["skipped"] = _count_reasons(report.skipped.values())
+                stats["skipped"] = count_reasons(report.skipped.values())
             return PassResult(model, bool(embeddings), stats, embeddings)
         candidates = [self._initial_scheme(c) for c in candidates]
         calibration_feeds, held_aside = _split_feeds(feeds, self._accuracy_driven(feeds))
@@ -331,12 +330,12 @@ class QuantPass(Pass):
         stats_out: dict[str, Any] = {
             "quantized": len(chosen),
             "embeddings": len(embeddings),
-            "by_op": _count_ops(c.node.op for c in chosen),
-            "by_scheme": _count_ops(c.scheme for c in chosen),
+            "by_op": count_values(c.node.op for c in chosen),
+            "by_scheme": count_values(c.scheme for c in chosen),
             "calibrator": self.options["calibrator"],
         }
         if report.skipped:
-            stats_out["skipped"] = _count_reasons(report.skipped.values())
+            stats_out["skipped"] = count_reasons(report.skipped.values())
         if report.unquantizable:
             stats_out["unquantizable_tensors"] = len(report.unquantizable)
         if report.dynamic_for_accuracy:
@@ -404,7 +403,9 @@ class QuantPass(Pass):
                 continue
             if len(table.shape) != 2 or int(np.prod(table.shape)) < EMBEDDING_MIN_VALUES:
                 continue
-            if int(node.attrs.get("axis", 0)) != 0 or _matches(node.name, self.options["exclude"]):
+            if int(node.attrs.get("axis", 0)) != 0 or matches_any(
+                node.name, self.options["exclude"]
+            ):
                 continue
             if not context.claims.claim(table.name, self.name):
                 logger.info(
@@ -486,9 +487,9 @@ class QuantPass(Pass):
             return "op type not requested"
         if not context.in_scope(node.name):
             return "outside the bisection scope"
-        if self.options["include"] and not _matches(node.name, self.options["include"]):
+        if self.options["include"] and not matches_any(node.name, self.options["include"]):
             return "not matched by include"
-        if _matches(node.name, self.options["exclude"]):
+        if matches_any(node.name, self.options["exclude"]):
             return "excluded by option"
         placement = PLACEMENT[node.op]
         if len(node.inputs) <= placement.weight_input:
@@ -1104,19 +1105,3 @@ def _split_feeds(feeds: Feeds, accuracy_driven: bool) -> tuple[Feeds, Feeds | No
         return feeds, feeds
     cut = batches - batches // 4
     return feeds.subset(range(cut)), feeds.subset(range(cut, batches))
-
-
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
-
-
-def _count_ops(ops: Iterable[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for op in ops:
-        counts[op] = counts.get(op, 0) + 1
-    return counts
-
-
-def _count_reasons(reasons: Iterable[str]) -> dict[str, int]:
-    """Skip reasons grouped by kind: details in parentheses are for the log, not the counts."""
-    return _count_ops(reason.split(" (")[0] for reason in reasons)

@@ -261,3 +261,12 @@ def test_python_dash_m_and_debug_traceback(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "Traceback" in result.stderr
+
+
+def test_cli_leaves_the_callers_logging_as_it_was(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("graphopt", "passes")]
+    before = [(list(item.handlers), item.level, item.propagate) for item in loggers]
+    assert run_cli(["-v", "passes"], capsys)[0] == 0
+    assert [(list(item.handlers), item.level, item.propagate) for item in loggers] == before

@@ -1,0 +1,24 @@
+"""Helpers passes share for choosing nodes by name and summarising why candidates were skipped."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+
+
+def matches_any(name: str, patterns: Iterable[str]) -> bool:
+    """Whether ``name`` matches one of the shell-style ``patterns`` (case-sensitive)."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def count_values(values: Iterable[str]) -> dict[str, int]:
+    """How often each value occurs, in first-seen order."""
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
+
+
+def count_reasons(reasons: Iterable[str]) -> dict[str, int]:
+    """Skip reasons grouped by kind: details in parentheses are for the log, not the counts."""
+    return count_values(reason.split(" (")[0] for reason in reasons)
