@@ -201,7 +201,12 @@ def make_minilm_calibration(out_path: Path, n_samples: int = 64, seq_len: int = 
     return out_path
 
 
-def evaluation_sentences(count: int = 256) -> list[str]:
+EVALUATION_RESERVED = 256
+"""The first this many documentation sentences are for evaluation only."""
+MAX_TOKENS = 128
+
+
+def evaluation_sentences(count: int = EVALUATION_RESERVED) -> list[str]:
     """Real English sentences disjoint from :data:`SENTENCES`, deterministic and offline.
 
     They come from Python's own documentation (``pydoc_data.topics``): sentences of 8 to 40
@@ -234,6 +239,27 @@ def make_minilm_evaluation(out_path: Path, n_samples: int = 256, seq_len: int = 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out_path, **arrays)
     return out_path
+
+
+def make_minilm_unpadded_calibration(
+    out_dir: Path, n_samples: int = 512, skip: int = EVALUATION_RESERVED
+) -> Path:
+    """Write a folder of ``.npz`` feeds, one unpadded sentence each, for data-aware passes.
+
+    The sentences are documentation sentences after the first ``skip`` (which
+    :func:`make_minilm_evaluation` uses), so calibration and evaluation stay disjoint. Padding
+    matters to statistics such as XᵀX: in the 64 × 128 padded calibration set 90 % of the
+    positions are padding, and whitened low-rank factors fitted to them generalise poorly.
+    """
+    sentences = evaluation_sentences(skip + n_samples)[skip:]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for index, sentence in enumerate(sentences):
+        arrays = tokenize([sentence], MAX_TOKENS)
+        length = int(arrays["attention_mask"].sum())
+        np.savez(out_dir / f"{index:04d}.npz", **{k: v[:, :length] for k, v in arrays.items()})
+    logger.info("wrote %d unpadded calibration feeds to %s", len(sentences), out_dir)
+    return out_dir
 
 
 def export_minilm(out_path: Path, exporter: Exporter = "torchscript") -> Path:

@@ -139,3 +139,28 @@ def test_check_gate_fails_pruned_minilm(
     }
     assert "cosine" in failed
     assert "size_ratio" not in failed
+
+
+def test_minilm_lowrank_whitened_holds_accuracy_on_held_out_sentences(
+    minilm_dir: Path,
+) -> None:
+    from graphopt.pipeline import optimize
+    from graphopt.validate import Criteria
+    from models.export_minilm import make_minilm_evaluation, make_minilm_unpadded_calibration
+
+    source = _export(minilm_dir, "torchscript")
+    calibration = make_minilm_unpadded_calibration(minilm_dir / "unpadded", n_samples=256)
+    held_out = make_minilm_evaluation(minilm_dir / "held_out.npz", n_samples=64, seq_len=64)
+    report = optimize(
+        source,
+        minilm_dir / "lowrank75.onnx",
+        ["lowrank"],
+        options={"lowrank": {"ratio": 0.75}},
+        data=calibration,
+        validation_data=held_out,
+        criteria=Criteria(min_cosine=0.9, min_snr_db=0.0),
+    )
+    stats = report.run.records[0].stats
+    assert stats["method"] == "whiten" and stats["split"] == 36
+    assert stats["params_after"] <= 0.76 * stats["params_before"]
+    assert report.passed, report.validation

@@ -137,7 +137,7 @@ def run_isolated(
 # --- evaluation ---------------------------------------------------------------------------
 
 
-def _embeddings(model: Path, data: dict[str, np.ndarray]) -> np.ndarray:
+def model_embeddings(model: Path, data: dict[str, np.ndarray]) -> np.ndarray:
     session = make_session(model, optimize=True, spinning=False)
     count = len(next(iter(data.values())))
     rows = [
@@ -182,7 +182,7 @@ def evaluate(
     metrics: Callable[[np.ndarray, np.ndarray], dict[str, float]],
     runs: int,
 ) -> list[Row]:
-    reference = _embeddings(source, data)
+    reference = model_embeddings(source, data)
     latency_feed = {k: v[:BATCH] for k, v in data.items()}
     rows = [
         Row(
@@ -202,7 +202,7 @@ def evaluate(
         except RuntimeError as error:
             print(f"{name} {variant}: {error}")
             continue
-        candidate = _embeddings(target, data)
+        candidate = model_embeddings(target, data)
         latency = measure_latency(source, target, latency_feed, runs=runs)
         rows.append(
             Row(

@@ -1,0 +1,479 @@
+"""``lowrank``: split MatMul/Gemm with a constant weight into two thinner nodes via (whitened) SVD.
+
+The numerics (ranks, SVD, whitening, balanced factors) live in :mod:`graphopt.svd`; this module
+finds candidates, gathers the activation statistics, chooses ranks and rewrites the graph. See
+:class:`LowRankPass` for the rules.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.calibration import StatRequest, collect
+from graphopt.data import Feeds
+from graphopt.errors import InputError
+from graphopt.model import Model
+from graphopt.options import Option
+from graphopt.pass_api import Budget, Pass, PassContext, PassResult
+from graphopt.qdq import Namer
+from graphopt.selection import count_reasons, matches_any
+from graphopt.svd import (
+    Spectrum,
+    break_even_rank,
+    decompose,
+    factors,
+    max_rank,
+    rank_for_energy,
+    rank_for_ratio,
+)
+
+logger = logging.getLogger(__name__)
+
+GLOBAL_STEP = 8
+"""Global allocation hands out rank in blocks of this many components (rule 6)."""
+
+
+@dataclass
+class Consumer:
+    """One MatMul/Gemm reading a weight, and how its activation is laid out."""
+
+    node: gs.Node
+    activation: gs.Tensor
+    channel_axis: int
+
+
+@dataclass
+class WeightGroup:
+    """Every candidate node that multiplies by the same effective matrix W (K×N)."""
+
+    weight: gs.Constant
+    transposed: bool
+    alpha: float
+    consumers: list[Consumer] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, cols = (int(d) for d in self.weight.shape)
+        return (cols, rows) if self.transposed else (rows, cols)
+
+    @property
+    def label(self) -> str:
+        return self.consumers[0].node.name or self.weight.name
+
+    def matrix(self) -> np.ndarray:
+        values = np.asarray(self.weight.values)
+        values = values.T if self.transposed else values
+        return values * np.float32(self.alpha) if self.alpha != 1.0 else values
+
+
+@dataclass
+class Decision:
+    group: WeightGroup
+    rank: int
+    spectrum: Spectrum
+
+
+class LowRankPass(Pass):
+    """Low-rank split of MatMul/Gemm weights. Rules:
+
+    1. Candidates are MatMul nodes whose second input is a 2-D float32 constant and Gemm nodes
+       whose B is one (any transA/transB/alpha/beta). Weights on the left, other ranks and
+       dtypes, matrices under ``min_size`` parameters, nodes outside ``include``/inside
+       ``exclude`` globs or the bisection scope, and weights another pass claimed are skipped,
+       each with its reason logged.
+    2. ``MatMul(x, W)`` becomes ``MatMul(MatMul(x, A), B)``; ``Gemm(a, W, c)`` becomes
+       ``Gemm(Gemm(a, A, transA), B, c, beta)`` with alpha and transB folded into A·B. The
+       second node writes the original output tensor, so names downstream are unchanged.
+    3. Rank choice: ``rank`` (fixed) if set, else ``energy`` (fraction of the spectral energy
+       kept; of the whitened spectrum in data-aware mode) if set, else ``ratio`` (fraction of
+       the matrix's parameters kept). A rank at or above break-even K·N/(K+N) is never
+       emitted: the node stays as it is and the skip is logged. Derived ranks are rounded to a
+       multiple of ``round_to`` where that stays below break-even.
+    4. ``method``: ``whiten`` minimises the layer's output error on calibration activations
+       (SVD-LLM: SVD of Lᵀ W with XᵀX = L Lᵀ); ``svd`` minimises ‖W − A·B‖. ``auto`` picks
+       ``whiten`` when real calibration data is given and ``svd`` for synthetic or no data.
+       XᵀX comes from one streaming calibration run over all candidates.
+    5. Nodes sharing one weight (with the same transB and alpha) share one pair of factors;
+       in whitened mode the Gram matrices of all their inputs are summed, so the factors
+       minimise the summed output error.
+    6. ``allocation=global`` (with ``ratio``): instead of the same ratio everywhere, the
+       parameter budget ratio × (all candidates' parameters) is spent greedily on the rank
+       blocks (8 components) with the largest relative error reduction per parameter across
+       all layers, each layer keeping at least one block and staying below break-even.
+    7. Factors split √Σ and are rebalanced per component so A's and B's ranges match
+       (:mod:`graphopt.svd` rule 5): later ``quant`` and ``fp16`` see tame ranges.
+    """
+
+    name: ClassVar[str] = "lowrank"
+    summary: ClassVar[str] = "SVD split of MatMul/Gemm weights into two low-rank nodes"
+    exact: ClassVar[bool] = False
+    run_after: ClassVar[frozenset[str]] = frozenset({"cleanup"})
+    run_before: ClassVar[frozenset[str]] = frozenset({"quant", "fp16"})
+    budget: ClassVar[Budget] = Budget(min_cosine=0.85, min_snr_db=5.0)
+    options_schema: ClassVar[tuple[Option, ...]] = (
+        Option(
+            "method",
+            str,
+            "auto",
+            "whiten (data-aware, SVD-LLM), svd (plain), auto (whiten with real data)",
+            choices=("auto", "whiten", "svd"),
+        ),
+        Option("rank", int, 0, "fixed rank for every split (0 = use energy or ratio)", minimum=0),
+        Option(
+            "ratio",
+            float,
+            0.75,
+            "fraction of each matrix's parameters the two factors keep",
+            minimum=0.01,
+            maximum=0.99,
+        ),
+        Option(
+            "energy",
+            float,
+            0.0,
+            "fraction of the (whitened) spectral energy to keep (0 = use ratio)",
+            minimum=0.0,
+            maximum=1.0,
+        ),
+        Option(
+            "allocation",
+            str,
+            "uniform",
+            "uniform: the same ratio for every matrix; global: one parameter budget spent where "
+            "it reduces the error most",
+            choices=("uniform", "global"),
+        ),
+        Option(
+            "damping",
+            float,
+            1e-6,
+            "whitening: add this fraction of XᵀX's mean diagonal before factoring it",
+            minimum=0.0,
+        ),
+        Option(
+            "min_size",
+            int,
+            65536,
+            "skip matrices with fewer parameters than this",
+            minimum=0,
+        ),
+        Option(
+            "round_to",
+            int,
+            8,
+            "round derived ranks to a multiple of this (1 = no rounding)",
+            minimum=1,
+        ),
+        Option(
+            "op_types", list, ["MatMul", "Gemm"], "op types to split", choices=("MatMul", "Gemm")
+        ),
+        Option("include", list, [], "only split nodes whose names match one of these globs"),
+        Option("exclude", list, [], "never split nodes whose names match these globs"),
+    )
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(options)
+        if self.options["rank"] > 0 and self.options["energy"] > 0:
+            raise InputError("lowrank: set either rank or energy, not both")
+
+    def call(self, model: Model, context: PassContext) -> PassResult:
+        groups, skipped = self._groups(model.graph, context)
+        grams = self._grams(model, groups, context)
+        decisions = self._decide(groups, grams, skipped, context.seed)
+        touched = self._rewrite(model.graph, decisions)
+        params_before = sum(d.group.shape[0] * d.group.shape[1] for d in decisions)
+        params_after = sum(d.rank * sum(d.group.shape) for d in decisions)
+        stats: dict[str, Any] = {
+            "method": "whiten" if grams is not None else "svd",
+            "split": len(touched),
+            "weights_factored": len(decisions),
+            "params_before": params_before,
+            "params_after": params_after,
+            "layers": {
+                d.group.label: {
+                    "shape": list(d.group.shape),
+                    "rank": d.rank,
+                    "break_even": round(break_even_rank(*d.group.shape), 1),
+                    "relative_error": round(d.spectrum.relative_error(d.rank), 6),
+                }
+                for d in decisions
+            },
+        }
+        if skipped:
+            stats["skipped"] = count_reasons(skipped.values())
+        if touched:
+            logger.info(
+                "lowrank: split %d nodes, %d → %d parameters",
+                len(touched),
+                params_before,
+                params_after,
+            )
+        return PassResult(model, bool(touched), stats, touched)
+
+    # --- rule 1 -------------------------------------------------------------------------------
+
+    def _groups(
+        self, graph: gs.Graph, context: PassContext
+    ) -> tuple[list[WeightGroup], dict[str, str]]:
+        skipped: dict[str, str] = {}
+        groups: dict[tuple[int, bool, float], WeightGroup] = {}
+        for node in graph.nodes:
+            if node.op not in ("MatMul", "Gemm"):
+                continue
+            reason = self._skip_reason(node, context)
+            if reason is None and not context.claims.claim(node.inputs[1].name, self.name):
+                reason = f"weight claimed by {context.claims.owner(node.inputs[1].name)}"
+            if reason is not None:
+                skipped[node.name] = reason
+                logger.info("lowrank: skipping %s (%s): %s", node.name, node.op, reason)
+                continue
+            transposed = node.op == "Gemm" and bool(int(node.attrs.get("transB", 0)))
+            alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
+            weight = node.inputs[1]
+            key = (id(weight), transposed, alpha)
+            group = groups.setdefault(key, WeightGroup(weight, transposed, alpha))
+            transposed_input = node.op == "Gemm" and bool(int(node.attrs.get("transA", 0)))
+            group.consumers.append(Consumer(node, node.inputs[0], 0 if transposed_input else -1))
+        return list(groups.values()), skipped
+
+    def _skip_reason(self, node: gs.Node, context: PassContext) -> str | None:
+        if node.op not in self.options["op_types"]:
+            return "op type not requested"
+        if not context.in_scope(node.name):
+            return "outside the bisection scope"
+        if self.options["include"] and not matches_any(node.name, self.options["include"]):
+            return "not matched by include"
+        if matches_any(node.name, self.options["exclude"]):
+            return "excluded by option"
+        if len(node.inputs) < 2:
+            return "no weight input"
+        weight = node.inputs[1]
+        if not isinstance(weight, gs.Constant):
+            if isinstance(node.inputs[0], gs.Constant):
+                return "weight is the left operand"
+            return "weight is not a constant"
+        if weight.dtype != np.float32:
+            return f"weight dtype {weight.dtype} is not float32"
+        if len(weight.shape) != 2:
+            return f"weight of rank {len(weight.shape)} (only 2-D weights are split)"
+        rows, cols = (int(d) for d in weight.shape)
+        if rows * cols < self.options["min_size"]:
+            return f"small matrix ({rows}×{cols} < min_size {self.options['min_size']})"
+        activation = node.inputs[0]
+        if activation.dtype is not None and activation.dtype != np.float32:
+            return f"activation dtype {activation.dtype} is not float32"
+        return None
+
+    # --- rule 4 -------------------------------------------------------------------------------
+
+    def _data_aware(self, context: PassContext) -> bool:
+        method = self.options["method"]
+        if method == "svd":
+            return False
+        real_data = isinstance(context.data, Feeds) and not context.data.synthetic
+        if method == "whiten":
+            if not isinstance(context.data, Feeds):
+                raise InputError("lowrank method=whiten needs calibration data")
+            if not real_data:
+                logger.warning("lowrank: whitening with synthetic data; give --calib-data")
+            return True
+        if not real_data:
+            logger.info("lowrank: no real calibration data, using plain SVD")
+        return real_data
+
+    def _grams(
+        self, model: Model, groups: list[WeightGroup], context: PassContext
+    ) -> dict[str, np.ndarray] | None:
+        if not groups or not self._data_aware(context):
+            return None
+        assert isinstance(context.data, Feeds)
+        requests = [
+            StatRequest(
+                consumer.activation.name,
+                minmax=False,
+                gram=True,
+                channel_axis=consumer.channel_axis,
+            )
+            for group in groups
+            for consumer in group.consumers
+        ]
+        stats = collect(
+            model,
+            context.data,
+            requests,
+            on_batch=lambda index: context.report_progress("lowrank: collecting XᵀX", index),
+        )
+        return {name: s.gram for name, s in stats.items() if s.gram is not None}
+
+    # --- rules 3, 5, 6 ------------------------------------------------------------------------
+
+    def _decide(
+        self,
+        groups: list[WeightGroup],
+        grams: dict[str, np.ndarray] | None,
+        skipped: dict[str, str],
+        seed: int,
+    ) -> list[Decision]:
+        use_global = self.options["allocation"] == "global" and not self._fixed_target()
+        decisions: list[Decision] = []
+        for index, group in enumerate(groups):
+            rows, cols = group.shape
+            wanted = self._planned_rank(rows, cols)
+            if wanted is not None and wanted > max_rank(rows, cols):
+                self._skip(group, _break_even_reason(wanted, rows, cols), skipped)
+                continue
+            gram = self._group_gram(group, grams, skipped)
+            if grams is not None and gram is None:
+                continue
+            keep = max_rank(rows, cols) if wanted is None or use_global else wanted
+            try:
+                spectrum = decompose(
+                    group.matrix(),
+                    keep,
+                    gram=gram,
+                    damping=self.options["damping"],
+                    seed=seed + index,
+                )
+            except ValueError as error:
+                self._skip(group, f"cannot whiten ({error})", skipped)
+                continue
+            rank = wanted if wanted is not None else self._energy_rank(spectrum)
+            if not use_global and rank > max_rank(rows, cols):
+                self._skip(group, _break_even_reason(rank, rows, cols), skipped)
+                continue
+            decisions.append(Decision(group, rank, spectrum))
+        if use_global:
+            decisions = _allocate_globally(decisions, self.options["ratio"])
+        return decisions
+
+    def _fixed_target(self) -> bool:
+        return self.options["rank"] > 0 or self.options["energy"] > 0
+
+    def _planned_rank(self, rows: int, cols: int) -> int | None:
+        """The rank known before decomposing (None for energy targets)."""
+        if self.options["rank"] > 0:
+            return int(self.options["rank"])
+        if self.options["energy"] > 0:
+            return None
+        return rank_for_ratio(self.options["ratio"], rows, cols, self.options["round_to"])
+
+    def _energy_rank(self, spectrum: Spectrum) -> int:
+        return rank_for_energy(spectrum, self.options["energy"], self.options["round_to"])
+
+    def _group_gram(
+        self, group: WeightGroup, grams: dict[str, np.ndarray] | None, skipped: dict[str, str]
+    ) -> np.ndarray | None:
+        if grams is None:
+            return None
+        names = dict.fromkeys(consumer.activation.name for consumer in group.consumers)
+        missing = [name for name in names if name not in grams]
+        if missing:
+            self._skip(group, f"no activation statistics for {missing[0]}", skipped)
+            return None
+        return sum((grams[name] for name in names), start=np.zeros_like(grams[next(iter(names))]))
+
+    def _skip(self, group: WeightGroup, reason: str, skipped: dict[str, str]) -> None:
+        for consumer in group.consumers:
+            skipped[consumer.node.name] = reason
+            logger.info("lowrank: skipping %s: %s", consumer.node.name, reason)
+
+    # --- rules 2, 7 ---------------------------------------------------------------------------
+
+    def _rewrite(self, graph: gs.Graph, decisions: list[Decision]) -> list[str]:
+        namer = Namer(graph)
+        touched: list[str] = []
+        for decision in decisions:
+            group = decision.group
+            first, second = factors(decision.spectrum, decision.rank, np.dtype(np.float32))
+            base = group.weight.name
+            left = gs.Constant(namer(f"{base}_lowrank_A"), first)
+            right = gs.Constant(namer(f"{base}_lowrank_B"), second)
+            for consumer in group.consumers:
+                graph.nodes.extend(_split_node(namer, consumer.node, left, right))
+                touched.append(consumer.node.name)
+        graph.cleanup(remove_unused_graph_inputs=False)
+        graph.toposort()
+        return touched
+
+
+def _split_node(
+    namer: Namer, node: gs.Node, left: gs.Constant, right: gs.Constant
+) -> list[gs.Node]:
+    """Rule 2: the two nodes replacing ``node``; ``node`` itself is disconnected."""
+    base = node.name or node.outputs[0].name
+    activation, output = node.inputs[0], node.outputs[0]
+    bias = node.inputs[2] if node.op == "Gemm" and len(node.inputs) > 2 else None
+    hidden = gs.Variable(namer(f"{base}_lowrank_hidden"), dtype=np.float32)
+    node.inputs.clear()
+    node.outputs.clear()
+    if node.op == "MatMul":
+        return [
+            gs.Node(
+                "MatMul", namer(f"{base}_lowrank_1"), inputs=[activation, left], outputs=[hidden]
+            ),
+            gs.Node("MatMul", namer(f"{base}_lowrank_2"), inputs=[hidden, right], outputs=[output]),
+        ]
+    first_attrs = {"transA": int(node.attrs.get("transA", 0))}
+    second_inputs: list[gs.Tensor] = [hidden, right]
+    second_attrs: dict[str, Any] = {}
+    if bias is not None and bias.name:
+        second_inputs.append(bias)
+        second_attrs["beta"] = float(node.attrs.get("beta", 1.0))
+    return [
+        gs.Node(
+            "Gemm",
+            namer(f"{base}_lowrank_1"),
+            attrs=first_attrs,
+            inputs=[activation, left],
+            outputs=[hidden],
+        ),
+        gs.Node(
+            "Gemm",
+            namer(f"{base}_lowrank_2"),
+            attrs=second_attrs,
+            inputs=second_inputs,
+            outputs=[output],
+        ),
+    ]
+
+
+def _allocate_globally(decisions: list[Decision], ratio: float) -> list[Decision]:
+    """Rule 6: spend ratio × total parameters on the most useful rank blocks."""
+    if not decisions:
+        return decisions
+    budget = ratio * sum(d.group.shape[0] * d.group.shape[1] for d in decisions)
+    limits = [min(max_rank(*d.group.shape), d.spectrum.computed) for d in decisions]
+    ranks = [min(GLOBAL_STEP, limit) for limit in limits]
+    costs = [sum(d.group.shape) for d in decisions]
+    spent = sum(rank * cost for rank, cost in zip(ranks, costs, strict=True))
+    blocks: list[tuple[float, int, int, int]] = []
+    for index, decision in enumerate(decisions):
+        energy = decision.spectrum.singular_values.astype(np.float64) ** 2
+        total = decision.spectrum.total_energy or 1.0
+        for start in range(ranks[index], limits[index], GLOBAL_STEP):
+            stop = min(start + GLOBAL_STEP, limits[index])
+            gain = float(energy[start:stop].sum()) / total
+            blocks.append((-gain / ((stop - start) * costs[index]), index, start, stop))
+    for _, index, start, stop in sorted(blocks):
+        cost = (stop - start) * costs[index]
+        if ranks[index] != start or spent + cost > budget:
+            continue
+        ranks[index] = stop
+        spent += cost
+    return [
+        Decision(decision.group, rank, decision.spectrum)
+        for decision, rank in zip(decisions, ranks, strict=True)
+    ]
+
+
+def _break_even_reason(rank: int, rows: int, cols: int) -> str:
+    return (
+        f"rank {rank} at or above break-even {break_even_rank(rows, cols):.1f} for {rows}×{cols}"
+        " (the split would be larger and slower)"
+    )
