@@ -139,10 +139,13 @@ class ExternalWriter:
             self._align()
             length = _copy_external_bytes(proto, values.base_dir, self.handle)
         else:
-            proto = onnx.TensorProto()
-            proto.CopyFrom(_inline_tensor_proto(constant))
-            proto.name = constant.name
-            raw = _raw_bytes(proto)
+            source = _inline_tensor_proto(constant)
+            raw = _raw_bytes(source)
+            # A header-only proto: a copied proto keeps its cleared bytes in its protobuf arena
+            # for as long as it lives, so memory would grow by every tensor written.
+            proto = onnx.TensorProto(name=constant.name, data_type=source.data_type)
+            proto.dims.extend(source.dims)
+            del source
             self._align()
             self.handle.write(raw)
             length = len(raw)
@@ -275,9 +278,13 @@ def skeleton_proto(model: Model) -> onnx.ModelProto:
 
 
 def _onnx_dtype(constant: gs.Constant) -> int:
+    """The ONNX element type of a constant, without loading lazy values."""
     values = constant._values
     if isinstance(values, LazyValues):
-        return int(values.tensor.data_type)
+        dtype = values.dtype  # graphsurgeon keeps ONNX enums for types NumPy lacks
+        if isinstance(dtype, int | np.integer):
+            return int(dtype)
+        return int(helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
     return int(helper.np_dtype_to_tensor_dtype(np.asarray(values).dtype))
 
 

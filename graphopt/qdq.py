@@ -88,10 +88,14 @@ def dequantize(quantized: np.ndarray, params: QuantParams) -> np.ndarray:
 
 
 class Namer:
-    """Rule 4: unique names within one graph."""
+    """Rule 4: unique names within the given graphs (pass a graph and its subgraphs to keep
+    names unique across scopes)."""
 
-    def __init__(self, graph: gs.Graph) -> None:
-        self._used = set(graph.tensors().keys()) | {n.name for n in graph.nodes if n.name}
+    def __init__(self, *graphs: gs.Graph) -> None:
+        self._used: set[str] = set()
+        for graph in graphs:
+            self._used.update(graph.tensors().keys())
+            self._used.update(node.name for node in graph.nodes if node.name)
 
     def __call__(self, base: str) -> str:
         name, index = base, 1

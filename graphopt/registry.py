@@ -21,6 +21,7 @@ ENTRY_POINT_GROUP = "graphopt.passes"
 BUILTIN_PASSES = MappingProxyType(
     {
         "cleanup": "passes.cleanup:CleanupPass",
+        "fp16": "passes.fp16:Fp16Pass",
         "lowrank": "passes.lowrank:LowRankPass",
         "quant": "passes.quant:QuantPass",
     }

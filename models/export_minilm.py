@@ -254,10 +254,10 @@ def make_minilm_unpadded_calibration(
     sentences = evaluation_sentences(skip + n_samples)[skip:]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for index, sentence in enumerate(sentences):
-        arrays = tokenize([sentence], MAX_TOKENS)
-        length = int(arrays["attention_mask"].sum())
-        np.savez(out_dir / f"{index:04d}.npz", **{k: v[:, :length] for k, v in arrays.items()})
+    arrays = tokenize(sentences, MAX_TOKENS)
+    for index, length in enumerate(arrays["attention_mask"].sum(axis=1)):
+        feed = {name: values[index : index + 1, : int(length)] for name, values in arrays.items()}
+        np.savez(out_dir / f"{index:04d}.npz", **feed)
     logger.info("wrote %d unpadded calibration feeds to %s", len(sentences), out_dir)
     return out_dir
 

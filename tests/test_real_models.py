@@ -62,9 +62,9 @@ def _optimize(source: Path, folder: Path, capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_minilm_torchscript_cleanup_end_to_end(
-    minilm_dir: Path, capsys: pytest.CaptureFixture[str]
+    minilm_dir: Path, minilm_torchscript: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    source = _export(minilm_dir, "torchscript")
+    source = minilm_torchscript
     report = _optimize(source, minilm_dir, capsys)
     assert report["normalize"]["constant_nodes"] > 100  # TorchScript emits Constant nodes
     assert report["passes"][0]["modified"]
@@ -109,11 +109,11 @@ def _magnitude_pruned(source: Path, target: Path, sparsity: float) -> Path:
 
 
 def test_check_gate_fails_pruned_minilm(
-    minilm_dir: Path, capsys: pytest.CaptureFixture[str]
+    minilm_dir: Path, minilm_torchscript: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import xml.etree.ElementTree as ElementTree
 
-    source = _export(minilm_dir, "torchscript")
+    source = minilm_torchscript
     pruned = _magnitude_pruned(source, minilm_dir / "pruned60.onnx", 0.6)
     junit = minilm_dir / "check.xml"
     code = main(
@@ -142,13 +142,13 @@ def test_check_gate_fails_pruned_minilm(
 
 
 def test_minilm_lowrank_whitened_holds_accuracy_on_held_out_sentences(
-    minilm_dir: Path,
+    minilm_dir: Path, minilm_torchscript: Path
 ) -> None:
     from graphopt.pipeline import optimize
     from graphopt.validate import Criteria
     from models.export_minilm import make_minilm_evaluation, make_minilm_unpadded_calibration
 
-    source = _export(minilm_dir, "torchscript")
+    source = minilm_torchscript
     calibration = make_minilm_unpadded_calibration(minilm_dir / "unpadded", n_samples=256)
     held_out = make_minilm_evaluation(minilm_dir / "held_out.npz", n_samples=64, seq_len=64)
     report = optimize(
