@@ -56,7 +56,10 @@ class WeightClaims:
     """Which pass owns which weight during one run.
 
     Conflict rule: the first pass in plan order that claims a weight owns it; a later pass that
-    asks for the same weight is refused and must skip it (and log that it did).
+    asks for the same weight is refused and must skip it (and log that it did). Structural
+    passes that replace a weight by an approximation claim it (``lowrank`` also claims the
+    factors it creates, ``sparsify`` the weights it prunes), so one weight is compressed one
+    way; passes that compose with any earlier edit (``quant``, ``fp16``) claim nothing.
     """
 
     def __init__(self) -> None:

@@ -24,6 +24,7 @@ BUILTIN_PASSES = MappingProxyType(
         "fp16": "passes.fp16:Fp16Pass",
         "lowrank": "passes.lowrank:LowRankPass",
         "quant": "passes.quant:QuantPass",
+        "sparsify": "passes.sparsify:SparsifyPass",
     }
 )
 """CLI name → ``module:Class`` of every built-in pass."""

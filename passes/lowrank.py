@@ -20,7 +20,7 @@ from graphopt.data import Feeds
 from graphopt.errors import InputError
 from graphopt.model import Model
 from graphopt.options import Option
-from graphopt.pass_api import Budget, Pass, PassContext, PassResult
+from graphopt.pass_api import Budget, Pass, PassContext, PassResult, WeightClaims
 from graphopt.qdq import Namer
 from graphopt.selection import count_reasons, matches_any
 from graphopt.svd import (
@@ -99,7 +99,9 @@ class LowRankPass(Pass):
        (SVD-LLM: SVD of Lᵀ W with XᵀX = L Lᵀ); ``svd`` minimises ‖W − A·B‖. ``auto`` picks
        ``whiten`` when real calibration data is given and ``svd`` for synthetic or no data.
        XᵀX comes from one streaming calibration run over all candidates.
-    5. Nodes sharing one weight (with the same transB and alpha) share one pair of factors;
+    5. The pass claims each weight it splits and the factors it creates, so ``sparsify`` leaves
+       them alone. Nodes sharing one weight (with the same transB and alpha) share one pair of
+       factors;
        in whitened mode the Gram matrices of all their inputs are summed, so the factors
        minimise the summed output error.
     6. ``allocation=global`` (with ``ratio``): instead of the same ratio everywhere, the
@@ -186,7 +188,7 @@ class LowRankPass(Pass):
         groups, skipped = self._groups(model.graph, context)
         grams = self._grams(model, groups, context)
         decisions = self._decide(groups, grams, skipped, context.seed)
-        touched = self._rewrite(model.graph, decisions)
+        touched = self._rewrite(model.graph, decisions, context.claims)
         params_before = sum(d.group.shape[0] * d.group.shape[1] for d in decisions)
         params_after = sum(d.rank * sum(d.group.shape) for d in decisions)
         stats: dict[str, Any] = {
@@ -385,7 +387,9 @@ class LowRankPass(Pass):
 
     # --- rules 2, 7 ---------------------------------------------------------------------------
 
-    def _rewrite(self, graph: gs.Graph, decisions: list[Decision]) -> list[str]:
+    def _rewrite(
+        self, graph: gs.Graph, decisions: list[Decision], claims: WeightClaims
+    ) -> list[str]:
         namer = Namer(graph)
         touched: list[str] = []
         for decision in decisions:
@@ -394,6 +398,8 @@ class LowRankPass(Pass):
             base = group.weight.name
             left = gs.Constant(namer(f"{base}_lowrank_A"), first)
             right = gs.Constant(namer(f"{base}_lowrank_B"), second)
+            for factor in (left, right):
+                claims.claim(factor.name, self.name)
             for consumer in group.consumers:
                 graph.nodes.extend(_split_node(namer, consumer.node, left, right))
                 touched.append(consumer.node.name)

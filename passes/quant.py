@@ -121,7 +121,8 @@ class QuantPass(Pass):
        normalization, whatever the exporter did) of float32 type; Gemm with transA, MatMul with a
        weight of rank ≠ 2 and activation×activation MatMuls (unless ``quantize_act_matmul``) are
        skipped with a logged reason, as are nodes excluded by ``exclude`` globs or not matched by
-       ``include`` globs, and op types not in ``op_types``.
+       ``include`` globs, and op types not in ``op_types``. quant claims no weights: it
+       quantizes whatever the structural passes before it (lowrank, sparsify) left.
     2. Placement follows :data:`PLACEMENT`: the weight becomes an int8 initializer feeding a
        DequantizeLinear (per output channel by default), the activation input gets one shared
        Q→DQ pair per tensor, Conv/Gemm biases become int32 with scale s_x·s_w, and Conv outputs
@@ -407,13 +408,6 @@ class QuantPass(Pass):
                 node.name, self.options["exclude"]
             ):
                 continue
-            if not context.claims.claim(table.name, self.name):
-                logger.info(
-                    "quant: skipping %s: table claimed by %s",
-                    node.name,
-                    context.claims.owner(table.name),
-                )
-                continue
             if id(table) not in tables:
                 quantized, params = quantize_weight(table.values, 0)
                 tables[id(table)] = (
@@ -466,11 +460,6 @@ class QuantPass(Pass):
                 continue
             placement = PLACEMENT[node.op]
             weight = node.inputs[placement.weight_input]
-            if not context.claims.claim(weight.name, self.name):
-                reason = f"weight claimed by {context.claims.owner(weight.name)}"
-                report.skipped[node.name] = reason
-                logger.info("quant: skipping %s: %s", node.name, reason)
-                continue
             candidates.append(
                 Candidate(
                     node=node,

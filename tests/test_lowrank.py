@@ -410,3 +410,23 @@ def test_factors_are_quantized_when_composed_with_quant(tmp_path: Path) -> None:
     dequantized = {n.input[0] for n in saved.graph.node if n.op_type == "DequantizeLinear"}
     int8 = {t.name for t in saved.graph.initializer if t.data_type == TensorProto.INT8}
     assert {"W_lowrank_A_quantized", "W_lowrank_B_quantized"} <= int8 & dequantized
+
+
+def test_sparsify_leaves_the_factors_alone(tmp_path: Path) -> None:
+    """Conflict rule: lowrank plans first and claims the weights it splits and its factors."""
+    rng = np.random.default_rng(19)
+    source = _save(_matmul_model(_low_rank_matrix(64, 64, 8)), tmp_path / "in.onnx")
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=rng.standard_normal((16, 3, 64)).astype(np.float32))
+    report = optimize(
+        source,
+        tmp_path / "out.onnx",
+        ["sparsify", "lowrank"],
+        options={"lowrank": {"min_size": 0, "rank": 8}, "sparsify": {"method": "magnitude"}},
+        data=data,
+    )
+    assert report.plan == ["lowrank", "sparsify"]
+    lowrank, sparsify = (record.stats for record in report.run.records)
+    assert lowrank["split"] == 1
+    assert sparsify["skipped"] == {"claimed": 2}
+    assert report.passed
