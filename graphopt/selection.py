@@ -5,6 +5,15 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable
 
+import onnx_graphsurgeon as gs
+
+
+def node_label(node: gs.Node) -> str:
+    """How reports, globs and bisection scopes name a node: its name, else its first output's."""
+    if node.name:
+        return node.name
+    return node.outputs[0].name if node.outputs else ""
+
 
 def matches_any(name: str, patterns: Iterable[str]) -> bool:
     """Whether ``name`` matches one of the shell-style ``patterns`` (case-sensitive)."""

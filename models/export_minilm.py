@@ -337,6 +337,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib", type=Path, default=None, help="also write calibration .npz here")
     parser.add_argument("--n-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument(
+        "--unpadded-calib",
+        type=Path,
+        default=None,
+        help="also write a folder of unpadded documentation-sentence feeds (data-aware passes)",
+    )
     parser.add_argument("--verify", action="store_true", help="compare ORT output with torch")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
@@ -349,6 +355,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.calib is not None:
         calib = make_minilm_calibration(args.calib, args.n_samples, args.seq_len)
         print(f"{calib}  {calib.stat().st_size} bytes")
+    if args.unpadded_calib is not None:
+        folder = make_minilm_unpadded_calibration(args.unpadded_calib)
+        print(f"{folder}  {len(list(folder.glob('*.npz')))} feeds")
     if args.verify:
         for ref, cos in verify_minilm(path).items():
             print(f"min cosine ORT vs {ref}: {cos:.7f}")

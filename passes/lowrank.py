@@ -22,7 +22,7 @@ from graphopt.model import Model
 from graphopt.options import Option
 from graphopt.pass_api import Budget, Pass, PassContext, PassResult, WeightClaims
 from graphopt.qdq import Namer
-from graphopt.selection import count_reasons, matches_any
+from graphopt.selection import count_reasons, matches_any, node_label
 from graphopt.svd import (
     Spectrum,
     break_even_rank,
@@ -55,16 +55,14 @@ class WeightGroup:
     weight: gs.Constant
     transposed: bool
     alpha: float
+    label: str
+    """The first consumer's label (:func:`~graphopt.selection.node_label`), for reports."""
     consumers: list[Consumer] = field(default_factory=list)
 
     @property
     def shape(self) -> tuple[int, int]:
         rows, cols = (int(d) for d in self.weight.shape)
         return (cols, rows) if self.transposed else (rows, cols)
-
-    @property
-    def label(self) -> str:
-        return self.consumers[0].node.name or self.weight.name
 
     def matrix(self) -> np.ndarray:
         values = np.asarray(self.weight.values)
@@ -99,8 +97,9 @@ class LowRankPass(Pass):
        (SVD-LLM: SVD of Lᵀ W with XᵀX = L Lᵀ); ``svd`` minimises ‖W − A·B‖. ``auto`` picks
        ``whiten`` when real calibration data is given and ``svd`` for synthetic or no data.
        XᵀX comes from one streaming calibration run over all candidates.
-    5. The pass claims each weight it splits and the factors it creates, so ``sparsify`` leaves
-       them alone. Nodes sharing one weight (with the same transB and alpha) share one pair of
+    5. The pass claims each weight it splits and the factors it creates (when it rewrites, so a
+       weight it leaves alone stays free for ``sparsify``), and skips weights another pass
+       claimed. Nodes sharing one weight (with the same transB and alpha) share one pair of
        factors;
        in whitened mode the Gram matrices of all their inputs are summed, so the factors
        minimise the summed output error.
@@ -108,6 +107,10 @@ class LowRankPass(Pass):
        parameter budget ratio × (all candidates' parameters) is spent greedily on the rank
        blocks (8 components) with the largest relative error reduction per parameter across
        all layers, each layer keeping at least one block and staying below break-even.
+       Measured on MiniLM (512 unpadded calibration sentences, 256 held-out): uniform scores
+       higher (0.929 against 0.900 at ratio 0.75, 0.853 against 0.745 at 0.5), as did giving
+       every layer the same relative error (0.908, 0.783): layer-local error does not predict
+       a layer's effect on the output, so uniform stays the default.
     7. Factors split √Σ and are rebalanced per component so A's and B's ranges match
        (:mod:`graphopt.svd` rule 5): later ``quant`` and ``fp16`` see tame ranges.
     """
@@ -147,8 +150,8 @@ class LowRankPass(Pass):
             "allocation",
             str,
             "uniform",
-            "uniform: the same ratio for every matrix; global: one parameter budget spent where "
-            "it reduces the error most",
+            "with ratio: uniform (the same ratio for every matrix) or global (one parameter "
+            "budget spent where it cuts the summed relative error most)",
             choices=("uniform", "global"),
         ),
         Option(
@@ -225,33 +228,37 @@ class LowRankPass(Pass):
     ) -> tuple[list[WeightGroup], dict[str, str]]:
         skipped: dict[str, str] = {}
         groups: dict[tuple[int, bool, float], WeightGroup] = {}
+        activation_axes: dict[str, int] = {}
         for node in graph.nodes:
             if node.op not in ("MatMul", "Gemm"):
                 continue
+            transposed_input = node.op == "Gemm" and bool(int(node.attrs.get("transA", 0)))
+            axis = 0 if transposed_input else -1
             reason = self._skip_reason(node, context)
-            if reason is None and not context.claims.claim(node.inputs[1].name, self.name):
-                reason = f"weight claimed by {context.claims.owner(node.inputs[1].name)}"
+            if reason is None and activation_axes.get(node.inputs[0].name, axis) != axis:
+                reason = "activation read on another axis by an earlier candidate"
             if reason is not None:
-                skipped[node.name] = reason
-                logger.info("lowrank: skipping %s (%s): %s", node.name, node.op, reason)
+                skipped[node_label(node)] = reason
+                logger.info("lowrank: skipping %s (%s): %s", node_label(node), node.op, reason)
                 continue
+            activation_axes[node.inputs[0].name] = axis
             transposed = node.op == "Gemm" and bool(int(node.attrs.get("transB", 0)))
             alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
             weight = node.inputs[1]
             key = (id(weight), transposed, alpha)
-            group = groups.setdefault(key, WeightGroup(weight, transposed, alpha))
-            transposed_input = node.op == "Gemm" and bool(int(node.attrs.get("transA", 0)))
-            group.consumers.append(Consumer(node, node.inputs[0], 0 if transposed_input else -1))
+            group = groups.setdefault(key, WeightGroup(weight, transposed, alpha, node_label(node)))
+            group.consumers.append(Consumer(node, node.inputs[0], axis))
         return list(groups.values()), skipped
 
     def _skip_reason(self, node: gs.Node, context: PassContext) -> str | None:
         if node.op not in self.options["op_types"]:
             return "op type not requested"
-        if not context.in_scope(node.name):
+        label = node_label(node)
+        if not context.in_scope(label):
             return "outside the bisection scope"
-        if self.options["include"] and not matches_any(node.name, self.options["include"]):
+        if self.options["include"] and not matches_any(label, self.options["include"]):
             return "not matched by include"
-        if matches_any(node.name, self.options["exclude"]):
+        if matches_any(label, self.options["exclude"]):
             return "excluded by option"
         if len(node.inputs) < 2:
             return "no weight input"
@@ -260,6 +267,11 @@ class LowRankPass(Pass):
             if isinstance(node.inputs[0], gs.Constant):
                 return "weight is the left operand"
             return "weight is not a constant"
+        if isinstance(node.inputs[0], gs.Constant):
+            return "both operands are constants (cleanup folds this node)"
+        owner = context.claims.owner(weight.name)
+        if owner not in (None, self.name):
+            return f"weight claimed by {owner}"
         if weight.dtype != np.float32:
             return f"weight dtype {weight.dtype} is not float32"
         if len(weight.shape) != 2:
@@ -382,8 +394,8 @@ class LowRankPass(Pass):
 
     def _skip(self, group: WeightGroup, reason: str, skipped: dict[str, str]) -> None:
         for consumer in group.consumers:
-            skipped[consumer.node.name] = reason
-            logger.info("lowrank: skipping %s: %s", consumer.node.name, reason)
+            skipped[node_label(consumer.node)] = reason
+            logger.info("lowrank: skipping %s: %s", node_label(consumer.node), reason)
 
     # --- rules 2, 7 ---------------------------------------------------------------------------
 
@@ -398,11 +410,11 @@ class LowRankPass(Pass):
             base = group.weight.name
             left = gs.Constant(namer(f"{base}_lowrank_A"), first)
             right = gs.Constant(namer(f"{base}_lowrank_B"), second)
-            for factor in (left, right):
-                claims.claim(factor.name, self.name)
+            for claimed in (group.weight, left, right):
+                claims.claim(claimed.name, self.name)
             for consumer in group.consumers:
+                touched.append(node_label(consumer.node))
                 graph.nodes.extend(_split_node(namer, consumer.node, left, right))
-                touched.append(consumer.node.name)
         graph.cleanup(remove_unused_graph_inputs=False)
         graph.toposort()
         return touched

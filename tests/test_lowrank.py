@@ -430,3 +430,30 @@ def test_sparsify_leaves_the_factors_alone(tmp_path: Path) -> None:
     assert lowrank["split"] == 1
     assert sparsify["skipped"] == {"claimed": 2}
     assert report.passed
+
+
+def test_unnamed_nodes_are_reported_by_their_outputs(tmp_path: Path) -> None:
+    values = _low_rank_matrix(64, 64, 8, seed=22)
+    proto = make_model(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["h"]),
+            helper.make_node("MatMul", ["h", "V"], ["y"]),
+        ],
+        [float_input("x", ["batch", 64])],
+        [float_input("y", ["batch", 64])],
+        [numpy_helper.from_array(values, "W"), numpy_helper.from_array(values.T.copy(), "V")],
+    )
+    _, result = _run(proto, tmp_path, rank=8, exclude=["y"])
+    assert result.touched == ["h"]
+    assert list(result.stats["layers"]) == ["h"]
+    assert result.stats["skipped"] == {"excluded by option": 1}
+
+
+def test_a_refused_weight_stays_free_for_other_passes(tmp_path: Path) -> None:
+    proto = _matmul_model(np.random.default_rng(23).standard_normal((64, 64)).astype(np.float32))
+    model = model_from_proto(proto)
+    normalize(model, materialize_weights=True)
+    context = PassContext()
+    result = LowRankPass({"min_size": 0, "rank": 40, "method": "svd"})(model, context)
+    assert not result.modified
+    assert context.claims.owner("W") is None
