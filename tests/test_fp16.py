@@ -23,6 +23,7 @@ from .conftest import (
     DIGITS_MODEL,
     float_input,
     make_model,
+    relu_mlp,
     run_ort,
     sha256_of,
     weight,
@@ -84,25 +85,11 @@ def _x(shape: tuple[int, ...] = (2, 4), seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-def _mlp() -> onnx.ModelProto:
-    nodes = [
-        helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
-        helper.make_node("Relu", ["h"], ["r"], name="relu"),
-        helper.make_node("MatMul", ["r", "W2"], ["y"], name="mm2"),
-    ]
-    return make_model(
-        nodes,
-        [float_input("x", ["batch", 4])],
-        [float_input("y", ["batch", 3])],
-        [weight("W1", (4, 8), 1), weight("W2", (8, 3), 2)],
-    )
-
-
 # --- rules 2 and 6: conversion, keep_io_types, one Cast per tensor ----------------------------
 
 
 def test_mlp_converts_with_float32_interface(tmp_path: Path) -> None:
-    proto = _mlp()
+    proto = relu_mlp()
     out, result = _convert(proto, tmp_path)
     assert result.modified and result.stats["nodes_converted"] == 3
     types = _types(out)
@@ -135,7 +122,7 @@ def test_one_cast_per_tensor_not_per_consumer(tmp_path: Path) -> None:
 
 
 def test_keep_io_types_list_and_none(tmp_path: Path) -> None:
-    proto = _mlp()
+    proto = relu_mlp()
     out, _ = _convert(proto, tmp_path, keep_io_types=["x"])
     types = _types(out)
     assert types["x"] == TensorProto.FLOAT and types["y"] == F16
@@ -167,7 +154,7 @@ def test_colliding_names_stay_unique(tmp_path: Path) -> None:
 
 
 def test_node_block_list_makes_an_island_with_border_casts(tmp_path: Path) -> None:
-    proto = _mlp()
+    proto = relu_mlp()
     out, result = _convert(proto, tmp_path, node_block_list=["relu"])
     types = _types(out)
     assert types["r"] == TensorProto.FLOAT and types["h"] == F16
@@ -532,7 +519,7 @@ def test_external_data_tensors_are_converted_not_relabelled(tmp_path: Path) -> N
 
 
 def test_bfloat16(tmp_path: Path) -> None:
-    proto = _mlp()
+    proto = relu_mlp()
     out, result = _convert(proto, tmp_path, dtype="bfloat16")
     types = _types(out)
     assert types["W1"] == types["h"] == TensorProto.BFLOAT16
@@ -563,7 +550,7 @@ def test_not_modified_without_float32(tmp_path: Path) -> None:
     result = Fp16Pass()(model, PassContext())
     assert not result.modified and result.stats["nodes_converted"] == 0
     # Already float16: nothing to do either.
-    converted, _ = _convert(_mlp(), tmp_path, keep_io_types=["none"])
+    converted, _ = _convert(relu_mlp(), tmp_path, keep_io_types=["none"])
     again = load_model(converted)
     normalize(again)
     assert not Fp16Pass()(again, PassContext()).modified

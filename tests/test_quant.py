@@ -27,7 +27,15 @@ from graphopt.pass_api import PassContext
 from graphopt.qdq import activation_params, dequantize, quantize_weight
 from passes.quant import QuantPass
 
-from .conftest import DIGITS_DATA, DIGITS_MODEL, float_input, make_model, run_ort, weight
+from .conftest import (
+    DIGITS_DATA,
+    DIGITS_MODEL,
+    float_input,
+    make_model,
+    relu_mlp,
+    run_ort,
+    weight,
+)
 
 
 def _feeds(proto: onnx.ModelProto, samples: int = 64, batch: int = 8, seed: int = 0):  # type: ignore[no-untyped-def]
@@ -75,17 +83,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _mlp(hidden: int = 32) -> onnx.ModelProto:
-    nodes = [
-        helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
-        helper.make_node("Relu", ["h"], ["r"], name="relu"),
-        helper.make_node("MatMul", ["r", "W2"], ["y"], name="mm2"),
-    ]
-    return make_model(
-        nodes,
-        [float_input("x", ["n", 16])],
-        [float_input("y", ["n", 8])],
-        [weight("W1", (16, hidden), 1), weight("W2", (hidden, 8), 2)],
-    )
+    return relu_mlp(inputs=16, hidden=hidden, outputs=8, batch="n")
 
 
 def _loud_channel_model(channels: list[int], gain: float) -> onnx.ModelProto:
