@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 
 HISTOGRAM_BINS = 4096
 GRAM_PRODUCT_ROWS = 1024
-GRAM_FLUSH_ROWS = 65536
+FLOAT32_PRODUCT_LIMIT = 1e15
+"""Above this magnitude, sums of squares over many rows could overflow float32."""
 MASK_MAGNITUDE = 1e30
 CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
 
@@ -128,8 +129,6 @@ class TensorStats:
     channel_sumsq: np.ndarray | None = None
     gram: np.ndarray | None = None
     rows: int = 0
-    _pending_gram: np.ndarray | None = field(default=None, repr=False)
-    _pending_rows: int = field(default=0, repr=False)
     _row_buffer: list[np.ndarray] = field(default_factory=list, repr=False)
     _buffered_rows: int = field(default=0, repr=False)
 
@@ -190,34 +189,23 @@ class TensorStats:
 
     def _accumulate_gram(self, rows: np.ndarray) -> None:
         """XᵀX: rows are buffered until a product is worth a BLAS call (small batches would make
-        every call a memory-bound pass over a K×K matrix), multiplied in float32, and folded
-        into the float64 total every ``GRAM_FLUSH_ROWS`` rows."""
-        self._row_buffer.append(np.array(rows, dtype=np.float32))
+        every call a memory-bound pass over a K×K matrix); each product is added to the float64
+        total, computed in float32 unless values are large enough to overflow it."""
+        self._row_buffer.append(rows.astype(np.float32, copy=False))
         self._buffered_rows += rows.shape[0]
         if self._buffered_rows >= GRAM_PRODUCT_ROWS:
-            self._multiply_buffer()
-        if self._pending_rows >= GRAM_FLUSH_ROWS:
             self.finish()
 
-    def _multiply_buffer(self) -> None:
+    def finish(self) -> None:
+        """Fold buffered rows into the exposed statistics (the collector calls this)."""
         if not self._row_buffer:
             return
         rows = np.concatenate(self._row_buffer)
         self._row_buffer, self._buffered_rows = [], 0
-        product = rows.T @ rows
-        if self._pending_gram is None:
-            self._pending_gram = product
-        else:
-            self._pending_gram += product
-        self._pending_rows += rows.shape[0]
-
-    def finish(self) -> None:
-        """Fold pending partial sums into the exposed statistics (the collector calls this)."""
-        self._multiply_buffer()
-        if self._pending_gram is not None:
-            pending = self._pending_gram.astype(np.float64)
-            self.gram = pending if self.gram is None else self.gram + pending
-            self._pending_gram, self._pending_rows = None, 0
+        if rows.size and float(np.abs(rows).max()) > FLOAT32_PRODUCT_LIMIT:
+            rows = rows.astype(np.float64)
+        product = (rows.T @ rows).astype(np.float64, copy=False)
+        self.gram = product if self.gram is None else self.gram + product
 
 
 def merge_requests(requests: Iterable[StatRequest]) -> dict[str, StatRequest]:

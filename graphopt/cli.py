@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 import yaml
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from graphopt import __version__
 from graphopt.data import input_specs, open_data, synthesize
@@ -77,12 +78,7 @@ def _setup_logging(verbose: int, debug: bool) -> None:
         logger.handlers[:] = [handler]
         logger.setLevel(level)
         logger.propagate = False
-    try:
-        from onnx_graphsurgeon.logger import G_LOGGER
-
-        G_LOGGER.severity = G_LOGGER.ERROR if not debug else G_LOGGER.WARNING
-    except ImportError:  # pragma: no cover - graphsurgeon always ships its logger
-        pass
+    G_LOGGER.severity = G_LOGGER.ERROR if not debug else G_LOGGER.WARNING
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -548,6 +544,7 @@ def _logging_restored() -> Iterator[None]:
         (logger, list(logger.handlers), logger.level, logger.propagate)
         for logger in map(logging.getLogger, LOGGER_NAMES)
     ]
+    graphsurgeon_severity = G_LOGGER.severity
     try:
         yield
     finally:
@@ -555,6 +552,7 @@ def _logging_restored() -> Iterator[None]:
             logger.handlers[:] = handlers
             logger.setLevel(level)
             logger.propagate = propagate
+        G_LOGGER.severity = graphsurgeon_severity
 
 
 def _run(args: list[str], debug: bool) -> int:

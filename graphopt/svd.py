@@ -19,9 +19,9 @@ Rules (GUIDE §3 "Low rank"):
 5. √Σ is split across both factors, then each rank component is rescaled so that column i of
    A and row i of B have the same largest magnitude (an exact rebalancing: A·D · D⁻¹·B = A·B),
    so neither factor's range explodes before quantization or fp16.
-6. Ranks derived from a ratio or an energy target are rounded to a multiple of ``multiple``
-   (nearest, at least one multiple) as long as that stays below break-even; otherwise the
-   unrounded rank is kept.
+6. Ranks derived from a ratio are rounded to the nearest multiple of ``multiple`` (halves up,
+   at least one multiple), ranks derived from an energy target up to the next one, as long as
+   that stays below break-even; otherwise the unrounded rank is kept.
 """
 
 from __future__ import annotations
@@ -52,12 +52,13 @@ def max_rank(rows: int, cols: int) -> int:
     return max(math.ceil(break_even_rank(rows, cols)) - 1, 0)
 
 
-def round_rank(rank: int, rows: int, cols: int, multiple: int) -> int:
-    """Rule 6."""
+def round_rank(rank: int, rows: int, cols: int, multiple: int, *, up: bool = False) -> int:
+    """Rule 6: to the nearest multiple (halves up), or to the next one with ``up``."""
     limit = max_rank(rows, cols)
     if multiple <= 1 or rank <= 0:
         return min(rank, limit)
-    rounded = max(multiple, round(rank / multiple) * multiple)
+    steps = math.ceil(rank / multiple) if up else math.floor(rank / multiple + 0.5)
+    rounded = max(multiple, steps * multiple)
     while rounded > limit and rounded - multiple >= multiple:
         rounded -= multiple
     return rounded if rounded <= limit else min(rank, limit)
@@ -70,13 +71,15 @@ def rank_for_ratio(ratio: float, rows: int, cols: int, multiple: int) -> int:
 
 
 def rank_for_energy(spectrum: Spectrum, energy: float, multiple: int) -> int:
-    """The smallest rank keeping ``energy`` of the (whitened) spectral energy (rounded)."""
+    """The smallest rank keeping ``energy`` of the (whitened) spectral energy, rounded up to a
+    multiple where that stays below break-even (so the target is always met)."""
     kept = np.cumsum(spectrum.singular_values.astype(np.float64) ** 2) / spectrum.total_energy
     rank = int(np.searchsorted(kept, energy - 1e-12) + 1)
     rows, cols = spectrum.shape
     if rank > max_rank(rows, cols):
         return rank  # the caller refuses it: keeping that much energy is not worth splitting
-    return round_rank(rank, rows, cols, multiple)
+    rounded = round_rank(rank, rows, cols, multiple, up=True)
+    return rounded if rounded >= rank else rank
 
 
 @dataclass

@@ -232,7 +232,9 @@ def evaluation_sentences(count: int = EVALUATION_RESERVED) -> list[str]:
     return ordered[:count]
 
 
-def make_minilm_evaluation(out_path: Path, n_samples: int = 256, seq_len: int = 128) -> Path:
+def make_minilm_evaluation(
+    out_path: Path, n_samples: int = EVALUATION_RESERVED, seq_len: int = MAX_TOKENS
+) -> Path:
     """Write an ``.npz`` of :func:`evaluation_sentences` tokenized like the calibration data."""
     arrays = tokenize(evaluation_sentences(n_samples), seq_len)
     out_path = Path(out_path)
@@ -254,6 +256,8 @@ def make_minilm_unpadded_calibration(
     sentences = evaluation_sentences(skip + n_samples)[skip:]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("*.npz"):  # a folder is one data set: no feeds from older runs
+        stale.unlink()
     arrays = tokenize(sentences, MAX_TOKENS)
     for index, length in enumerate(arrays["attention_mask"].sum(axis=1)):
         feed = {name: values[index : index + 1, : int(length)] for name, values in arrays.items()}

@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 from graphopt.calibration import StatRequest, collect
 from graphopt.data import Feeds
 from graphopt.errors import InputError
-from graphopt.model import Model
+from graphopt.model import Model, iter_graphs
 from graphopt.options import Option
 from graphopt.pass_api import Budget, Pass, PassContext, PassResult, WeightClaims
 from graphopt.qdq import Namer
@@ -97,7 +97,9 @@ class LowRankPass(Pass):
        (SVD-LLM: SVD of Lᵀ W with XᵀX = L Lᵀ); ``svd`` minimises ‖W − A·B‖. ``auto`` picks
        ``whiten`` when real calibration data is given and ``svd`` for synthetic or no data.
        XᵀX comes from one streaming calibration run over all candidates.
-    5. The pass claims each weight it splits and the factors it creates (when it rewrites, so a
+    5. A weight is split only when every node reading it is a candidate with the same transB
+       and alpha (else the original would stay beside the factors). The pass claims each
+       weight it splits and the factors it creates (when it rewrites, so a
        weight it leaves alone stays free for ``sparsify``), and skips weights another pass
        claimed. Nodes sharing one weight (with the same transB and alpha) share one pair of
        factors;
@@ -189,6 +191,7 @@ class LowRankPass(Pass):
 
     def call(self, model: Model, context: PassContext) -> PassResult:
         groups, skipped = self._groups(model.graph, context)
+        groups = self._feasible(_whole_weights(groups, skipped), skipped)
         grams = self._grams(model, groups, context)
         decisions = self._decide(groups, grams, skipped, context.seed)
         touched = self._rewrite(model.graph, decisions, context.claims)
@@ -249,6 +252,17 @@ class LowRankPass(Pass):
             group = groups.setdefault(key, WeightGroup(weight, transposed, alpha, node_label(node)))
             group.consumers.append(Consumer(node, node.inputs[0], axis))
         return list(groups.values()), skipped
+
+    def _feasible(self, groups: list[WeightGroup], skipped: dict[str, str]) -> list[WeightGroup]:
+        """Rule 3 before any data is collected: refuse ranks known to be at or above break-even."""
+        kept = []
+        for group in groups:
+            wanted = self._planned_rank(*group.shape)
+            if wanted is not None and wanted > max_rank(*group.shape):
+                self._skip(group, _break_even_reason(wanted, *group.shape), skipped)
+            else:
+                kept.append(group)
+        return kept
 
     def _skip_reason(self, node: gs.Node, context: PassContext) -> str | None:
         if node.op not in self.options["op_types"]:
@@ -339,9 +353,6 @@ class LowRankPass(Pass):
         for index, group in enumerate(groups):
             rows, cols = group.shape
             wanted = self._planned_rank(rows, cols)
-            if wanted is not None and wanted > max_rank(rows, cols):
-                self._skip(group, _break_even_reason(wanted, rows, cols), skipped)
-                continue
             gram = self._group_gram(group, grams, skipped)
             if grams is not None and gram is None:
                 continue
@@ -402,7 +413,7 @@ class LowRankPass(Pass):
     def _rewrite(
         self, graph: gs.Graph, decisions: list[Decision], claims: WeightClaims
     ) -> list[str]:
-        namer = Namer(graph)
+        namer = Namer(*iter_graphs(graph))
         touched: list[str] = []
         for decision in decisions:
             group = decision.group
@@ -490,8 +501,32 @@ def _allocate_globally(decisions: list[Decision], ratio: float) -> list[Decision
     ]
 
 
+def _whole_weights(groups: list[WeightGroup], skipped: dict[str, str]) -> list[WeightGroup]:
+    """Rule 5: split a weight only when one group holds every node that reads it; otherwise the
+    original would stay in the graph beside the factors and the model would grow."""
+    by_weight: dict[int, list[WeightGroup]] = {}
+    for group in groups:
+        by_weight.setdefault(id(group.weight), []).append(group)
+    kept = []
+    for group in groups:
+        siblings = by_weight[id(group.weight)]
+        grouped = {id(consumer.node) for consumer in group.consumers}
+        others = [node_label(n) for n in group.weight.outputs if id(n) not in grouped]
+        if len(siblings) > 1:
+            reason = f"weight read with different transB/alpha ({group.weight.name})"
+        elif others:
+            reason = f"weight also read by other nodes ({others[0]})"
+        else:
+            kept.append(group)
+            continue
+        for consumer in group.consumers:
+            skipped[node_label(consumer.node)] = reason
+            logger.info("lowrank: skipping %s: %s", node_label(consumer.node), reason)
+    return kept
+
+
 def _break_even_reason(rank: int, rows: int, cols: int) -> str:
     return (
-        f"rank {rank} at or above break-even {break_even_rank(rows, cols):.1f} for {rows}×{cols}"
-        " (the split would be larger and slower)"
+        f"rank at or above break-even (rank {rank} ≥ {break_even_rank(rows, cols):.1f} for "
+        f"{rows}×{cols}: the split would be larger and slower)"
     )

@@ -266,7 +266,11 @@ def test_python_dash_m_and_debug_traceback(tmp_path: Path) -> None:
 def test_cli_leaves_the_callers_logging_as_it_was(capsys: pytest.CaptureFixture[str]) -> None:
     import logging
 
+    from onnx_graphsurgeon.logger import G_LOGGER
+
     loggers = [logging.getLogger(name) for name in ("graphopt", "passes")]
     before = [(list(item.handlers), item.level, item.propagate) for item in loggers]
+    severity = G_LOGGER.severity
     assert run_cli(["-v", "passes"], capsys)[0] == 0
     assert [(list(item.handlers), item.level, item.propagate) for item in loggers] == before
+    assert G_LOGGER.severity == severity

@@ -147,6 +147,15 @@ def test_factors_have_balanced_ranges() -> None:
     np.testing.assert_allclose(np.abs(first).max(axis=0), np.abs(second).max(axis=1), rtol=1e-4)
 
 
+def test_energy_ranks_round_up_so_the_target_holds() -> None:
+    values = np.array([10.0] * 16 + [3.0] + [0.01] * 47)
+    spectrum = decompose(np.diag(values).astype(np.float32), 31)
+    assert rank_for_energy(spectrum, 0.999, 1) == 17
+    assert rank_for_energy(spectrum, 0.999, 8) == 24  # not 16, which keeps only 0.994
+    assert spectrum.relative_error(24) ** 2 <= 0.001
+    assert round_rank(12, 384, 384, 8) == 16 and round_rank(20, 384, 384, 8) == 24  # halves up
+
+
 def test_energy_rank_counts_the_whole_spectrum() -> None:
     matrix = np.diag([10.0, 5.0, 1.0, 0.5] + [0.0] * 60).astype(np.float32)
     spectrum = decompose(matrix, 31)
@@ -214,7 +223,7 @@ def test_rank_at_break_even_is_refused(tmp_path: Path, caplog: pytest.LogCapture
         out, result = _run(proto, tmp_path, rank=32)  # break-even 64·64/128 = 32
     assert not result.modified
     assert _ops(out) == {"MatMul": 1}
-    assert list(result.stats["skipped"]) == ["rank 32 at or above break-even 32.0 for 64×64"]
+    assert result.stats["skipped"] == {"rank at or above break-even": 1}
     assert "break-even" in caplog.text
     _, below = _run(proto, tmp_path, rank=31)
     assert below.modified
@@ -247,6 +256,24 @@ def test_shared_weight_gets_one_pair_of_factors(tmp_path: Path) -> None:
     feed = {name: rng.standard_normal((5, 32)).astype(np.float32) for name in ("x1", "x2")}
     for got, want in zip(run_ort(out, feed), run_ort(proto, feed), strict=True):
         np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_weight_read_by_other_nodes_is_left_whole(tmp_path: Path) -> None:
+    """A tied table (Gather) or an excluded reader would keep W beside the factors."""
+    values = _low_rank_matrix(64, 64, 8, seed=25)
+    proto = make_model(
+        [
+            helper.make_node("Gather", ["W", "ids"], ["rows"], name="embed"),
+            helper.make_node("MatMul", ["x", "W"], ["y"], name="mm"),
+        ],
+        [float_input("x", [2, 64]), helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+        [float_input("rows", [3, 64]), float_input("y", [2, 64])],
+        [numpy_helper.from_array(values, "W")],
+    )
+    out, result = _run(proto, tmp_path, rank=8, data=False)
+    assert not result.modified
+    assert result.stats["skipped"] == {"weight also read by other nodes": 1}
+    assert [t.name for t in onnx.load(str(out)).graph.initializer] == ["W"]
 
 
 def test_skips_are_logged_with_reasons(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -377,7 +404,7 @@ def test_cli_ratio_option_and_conflicting_targets(
     assert code == 0, stdout
     assert "split=1" in stdout and "layers=[1 entries in --report]" in stdout
     code, _, stderr = run_cli([*args, "-o", "lowrank.rank=8", "-o", "lowrank.energy=0.9"], capsys)
-    assert code == 2 and "lowrank" in stderr and "rank" in stderr
+    assert code == 2 and "lowrank: set either rank or energy, not both" in stderr
     code, _, stderr = run_cli([*args, "-o", "lowrank.ratio=1.5"], capsys)
     assert code == 2 and "ratio" in stderr
 
@@ -457,3 +484,27 @@ def test_a_refused_weight_stays_free_for_other_passes(tmp_path: Path) -> None:
     result = LowRankPass({"min_size": 0, "rank": 40, "method": "svd"})(model, context)
     assert not result.modified
     assert context.claims.owner("W") is None
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e20])
+def test_gram_statistics_match_numpy_across_buffer_flushes(
+    monkeypatch: pytest.MonkeyPatch, scale: float
+) -> None:
+    from graphopt import calibration
+
+    monkeypatch.setattr(calibration, "GRAM_PRODUCT_ROWS", 5)
+    proto = make_model(
+        [helper.make_node("Relu", ["x"], ["r"], name="relu")],
+        [float_input("x", ["batch", 6])],
+        [float_input("r", ["batch", 6])],
+    )
+    rng = np.random.default_rng(24)
+    batches = [{"x": (rng.standard_normal((2, 6)) * scale).astype(np.float32)} for _ in range(7)]
+    model = model_from_proto(proto)
+    feeds = open_data(batches, input_specs(model.graph))
+    stats = calibration.collect(
+        model, feeds, [calibration.StatRequest("r", minmax=False, gram=True)]
+    )
+    rows = np.maximum(np.concatenate([b["x"] for b in batches]).astype(np.float64), 0.0)
+    assert stats["r"].rows == 14
+    np.testing.assert_allclose(stats["r"].gram, rows.T @ rows, rtol=1e-5)
