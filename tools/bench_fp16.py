@@ -8,7 +8,7 @@ weights over 2 GB stored as external data (generated in a temporary folder, dele
 Each converter runs in a fresh process, so its wall time and peak RSS (``ru_maxrss``) are its
 own; all keep the graph's inputs and outputs float32. The result is loaded and run with ONNX
 Runtime on CPU and compared with the float32 model (cosine over every output row). Needs
-``onnxconverter-common`` (``pip install onnxconverter-common``). Prints a markdown table and
+``onnxconverter-common`` (in the ``models`` extra). Prints a markdown table and
 writes ``fp16_benchmark.json`` into the output folder.
 """
 
