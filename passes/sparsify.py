@@ -27,7 +27,7 @@ from graphopt.model import Model
 from graphopt.options import Option
 from graphopt.pass_api import Budget, Pass, PassContext, PassResult
 from graphopt.qdq import Namer
-from graphopt.selection import count_values, matches_any
+from graphopt.selection import count_values, matches_any, node_label
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ class WeightJob:
 
     @property
     def name(self) -> str:
-        return _label(self.nodes[0])
+        return node_label(self.nodes[0])
 
 
 @dataclass
@@ -323,13 +323,6 @@ class Report:
     def skip(self, name: str, key: str, detail: str) -> None:
         self.skipped[name] = key
         logger.info("sparsify: skipping %s: %s", name, detail)
-
-
-def _label(node: gs.Node) -> str:
-    """The name reports, globs, scopes and ``touched`` use: the node's, else its first output's."""
-    if node.name:
-        return node.name
-    return node.outputs[0].name if node.outputs else node.op
 
 
 def _is_standard(node: gs.Node) -> bool:
@@ -377,7 +370,7 @@ def _claim(context: PassContext, weights: Sequence[gs.Constant]) -> str | None:
 
 
 def _node_order(model: Model) -> dict[str, int]:
-    return {_label(node): index for index, node in enumerate(model.graph.nodes)}
+    return {node_label(node): index for index, node in enumerate(model.graph.nodes)}
 
 
 def _stages(graph: gs.Graph, jobs: Sequence[WeightJob]) -> list[list[WeightJob]]:
@@ -561,7 +554,7 @@ class SparsifyPass(Pass):
         else:
             touched = self._sparsify_weights(model, context, method, report)
         stats: dict[str, Any] = {
-            "pattern": self._pattern_label(),
+            "pattern": self._patternnode_label(),
             "method": method,
             "sparsified": len(report.layers),
         }
@@ -575,7 +568,7 @@ class SparsifyPass(Pass):
             stats["speed_note"] = CHANNEL_NOTE if channel else SPEED_NOTE
         return PassResult(model, bool(touched), stats, touched)
 
-    def _pattern_label(self) -> str:
+    def _patternnode_label(self) -> str:
         pattern = self.options["pattern"]
         return self.options["n_m"].strip() if pattern == "n:m" else pattern
 
@@ -642,7 +635,7 @@ class SparsifyPass(Pass):
         for node in graph.nodes:
             if node.op not in ("MatMul", "Gemm", "Conv") or not _is_standard(node):
                 continue
-            name = _label(node)
+            name = node_label(node)
             if node.op not in self.options["op_types"]:
                 report.skip(name, "op-type-not-selected", f"{node.op} not in op_types")
             elif not context.in_scope(name):
@@ -670,13 +663,13 @@ class SparsifyPass(Pass):
         jobs = []
         for readers in by_weight.values():
             weight = readers[0].inputs[1]
-            name = _label(readers[0])
+            name = node_label(readers[0])
             layouts = {_layout(node) for node in readers}
             others = [c for c in weight.outputs if id(c) not in candidate_ids]
             groups = {int(node.attrs.get("group", 1)) for node in readers}
             if others:
                 detail = (
-                    f"weight {weight.name} is also read by {_label(others[0])} ({others[0].op})"
+                    f"weight {weight.name} is also read by {node_label(others[0])} ({others[0].op})"
                 )
                 report.skip(name, "weight-read-elsewhere", detail)
             elif len(layouts) > 1 or len(groups) > 1:
@@ -758,7 +751,7 @@ class SparsifyPass(Pass):
                     continue
                 job.weight.values = updated.astype(original.dtype)
                 self._record(job, original, job.weight.values, report)
-                touched.extend(_label(node) for node in job.nodes)
+                touched.extend(node_label(node) for node in job.nodes)
             logger.debug("sparsify: stage %d of %d done", index + 1, len(stages))
         logger.info(
             "sparsify: %d weights sparsified with %s in %d stages",
@@ -944,7 +937,7 @@ class SparsifyPass(Pass):
             before = self._plan_parameters(plan)
             self._apply_plan(plan, keep, namer)
             after = self._plan_parameters(plan)
-            report.layers[_label(plan.producer)] = {
+            report.layers[node_label(plan.producer)] = {
                 "channels": f"{plan.channels}→{keep.size}",
                 "sparsity": round(1 - keep.size / plan.channels, 4),
                 "size": before,
@@ -952,8 +945,8 @@ class SparsifyPass(Pass):
                 "params_before": before,
                 "params_after": after,
             }
-            touched.append(_label(plan.producer))
-            touched.extend(_label(sink) for sink, _, _ in plan.sinks)
+            touched.append(node_label(plan.producer))
+            touched.extend(node_label(sink) for sink, _, _ in plan.sinks)
         logger.info("sparsify: pruned channels of %d producers", len(plans))
         return touched
 
@@ -964,7 +957,7 @@ class SparsifyPass(Pass):
 
         ``outputs`` and ``main_nodes`` are the ids of the main graph's outputs and nodes.
         """
-        name = _label(node)
+        name = node_label(node)
         weight: gs.Constant = node.inputs[1]
         if node.op == "Conv" and int(node.attrs.get("group", 1)) != 1:
             report.skip(name, "grouped-conv", "grouped Conv producer")
@@ -1032,7 +1025,7 @@ class SparsifyPass(Pass):
                     continue
                 if id(consumer) not in main_nodes:
                     detail = (
-                        f"{_label(consumer)} ({consumer.op}) inside a subgraph body reads "
+                        f"{node_label(consumer)} ({consumer.op}) inside a subgraph body reads "
                         f"{tensor.name} from the outer scope"
                     )
                     return "read-in-subgraph", detail
@@ -1042,7 +1035,7 @@ class SparsifyPass(Pass):
                     nodes[id(consumer)] = consumer
                     continue
                 if kind != "path":
-                    return kind, f"{_label(consumer)} ({consumer.op}) {self._why(kind)}"
+                    return kind, f"{node_label(consumer)} ({consumer.op}) {self._why(kind)}"
                 nodes[id(consumer)] = consumer
                 for produced in consumer.outputs:
                     if id(produced) not in seen:
@@ -1111,7 +1104,8 @@ class SparsifyPass(Pass):
             if tensor.is_empty() or id(tensor) in region:
                 continue
             if not isinstance(tensor, gs.Constant):
-                detail = f"{_label(node)} ({node.op}) also reads {tensor.name} from off the path"
+                label = node_label(node)
+                detail = f"{label} ({node.op}) also reads {tensor.name} from off the path"
                 return "reads-off-path", detail
             if position in per_channel_inputs:
                 plan.slices.append((node, position, 0))
@@ -1120,9 +1114,8 @@ class SparsifyPass(Pass):
                 continue  # Clip bounds, Dropout ratio: scalars
             axis = self._constant_axis(tensor, plan)
             if axis == "bad":
-                detail = (
-                    f"{_label(node)} ({node.op}) constant {tensor.name} has shape {tensor.shape}"
-                )
+                label = node_label(node)
+                detail = f"{label} ({node.op}) constant {tensor.name} has shape {tensor.shape}"
                 return "constant-not-per-channel", detail
             if axis is not None:
                 plan.slices.append((node, position, int(axis)))
@@ -1147,7 +1140,7 @@ class SparsifyPass(Pass):
     def _claim_plan(self, plan: ChannelPlan, context: PassContext, report: Report) -> bool:
         refusal = _claim(context, [plan.weight] + [weight for _, weight, _ in plan.sinks])
         if refusal is not None:
-            report.skip(_label(plan.producer), "claimed", refusal)
+            report.skip(node_label(plan.producer), "claimed", refusal)
             return False
         return True
 
