@@ -14,16 +14,25 @@ Rules:
    unquantizable with its reason; a tensor with no finite value at all likewise.
 5. Ranges for quantization come from :func:`calibrated_range` with one of four calibrators:
    ``minmax``, ``percentile``, ``entropy`` (KL divergence, as TensorRT) or ``mse``.
+6. Memory is bounded on large models. Before the first batch, one sample is run to measure the
+   bytes a sample's requested outputs take; when a batch's outputs would exceed
+   :data:`OUTPUT_BUDGET_BYTES`, batches are split along axis 0 (statistics do not depend on how
+   samples are grouped, except histogram bin edges). Values are reduced in chunks of
+   :data:`VALUE_CHUNK` so float64 copies stay small. Passes that need XᵀX of many tensors split
+   them into runs with :func:`chunk_by_budget` and :func:`gram_budget`, so the Gram matrices of
+   one run take at most a quarter of the model's weight bytes (at least 256 MiB).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
+import onnxruntime as ort
 
 from graphopt.data import Feeds
 from graphopt.errors import DataError
@@ -38,6 +47,13 @@ FLOAT32_PRODUCT_LIMIT = 1e15
 """Above this magnitude, sums of squares over many rows could overflow float32."""
 MASK_MAGNITUDE = 1e30
 CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
+OUTPUT_BUDGET_BYTES = 512 * 1024 * 1024
+"""Most bytes of requested outputs one ONNX Runtime run may return (rule 6)."""
+VALUE_CHUNK = 1 << 22
+GRAM_BUDGET_FRACTION = 0.25
+GRAM_BUDGET_MIN_BYTES = 256 * 1024 * 1024
+
+Item = TypeVar("Item")
 
 
 @dataclass(frozen=True)
@@ -151,21 +167,24 @@ class TensorStats:
             self._update_channels(values, request)
 
     def _update_values(self, values: np.ndarray, request: StatRequest) -> None:
-        flat = values.reshape(-1).astype(np.float64, copy=False)
-        finite_mask = np.isfinite(flat)
-        infinite = int(np.isinf(flat).sum())
-        self.nonfinite += int(flat.size - finite_mask.sum())
-        finite = flat[finite_mask]
-        huge = np.abs(finite) >= MASK_MAGNITUDE
-        self.masked += int(huge.sum()) + infinite
-        finite = finite[~huge]
-        if finite.size:
-            self.count += finite.size
-            self.minimum = min(self.minimum, float(finite.min()))
-            self.maximum = max(self.maximum, float(finite.max()))
-        if request.histogram:
-            self.histogram = self.histogram or RunningHistogram()
-            self.histogram.add(finite)
+        flat = values.reshape(-1)
+        for start in range(0, flat.size, VALUE_CHUNK):  # rule 6: small float64 copies
+            chunk = flat[start : start + VALUE_CHUNK].astype(np.float64, copy=False)
+            finite_mask = np.isfinite(chunk)
+            infinite = int(np.isinf(chunk).sum())
+            self.nonfinite += int(chunk.size - finite_mask.sum())
+            finite = chunk[finite_mask]
+            del chunk, finite_mask
+            huge = np.abs(finite) >= MASK_MAGNITUDE
+            self.masked += int(huge.sum()) + infinite
+            finite = finite[~huge]
+            if finite.size:
+                self.count += finite.size
+                self.minimum = min(self.minimum, float(finite.min()))
+                self.maximum = max(self.maximum, float(finite.max()))
+            if request.histogram:
+                self.histogram = self.histogram or RunningHistogram()
+                self.histogram.add(finite)
 
     def _update_channels(self, values: np.ndarray, request: StatRequest) -> None:
         if values.ndim == 0:
@@ -238,12 +257,17 @@ def collect(
         missing = [name for name in names if name not in available]
         if missing:
             raise ValueError(f"tensors not produced by the graph: {', '.join(missing[:5])}")
+        samples_per_run: int | None = None
         for index, feed in enumerate(feeds):
             if max_batches is not None and index >= max_batches:
                 break
-            values = session.run(names, feed)
-            for name, value in zip(names, values, strict=True):
-                stats[name].update(np.asarray(value), merged[name])
+            if samples_per_run is None:
+                samples_per_run = _samples_per_run(session, names, feed)
+            for part in _split_feed(feed, samples_per_run):
+                values = session.run(names, part)
+                for name, value in zip(names, values, strict=True):
+                    stats[name].update(np.asarray(value), merged[name])
+                del values
             batches += 1
             if on_batch is not None:
                 on_batch(index)
@@ -256,6 +280,85 @@ def collect(
     if skipped:
         logger.info("calibration skipped non-finite values in %d tensors", len(skipped))
     return stats
+
+
+def _batch_length(feed: Mapping[str, np.ndarray]) -> int | None:
+    """The common length of axis 0 of every input, or None when inputs do not share one."""
+    lengths = {np.asarray(value).shape[0] if np.ndim(value) else None for value in feed.values()}
+    if len(lengths) != 1:
+        return None
+    length = next(iter(lengths))
+    return length if length is not None and length > 1 else None
+
+
+def _split_feed(
+    feed: Mapping[str, np.ndarray], samples_per_run: int
+) -> Iterator[dict[str, np.ndarray]]:
+    length = _batch_length(feed)
+    if length is None or length <= samples_per_run:
+        yield dict(feed)
+        return
+    for start in range(0, length, samples_per_run):
+        yield {
+            name: np.asarray(value)[start : start + samples_per_run] for name, value in feed.items()
+        }
+
+
+def _samples_per_run(
+    session: ort.InferenceSession, names: list[str], feed: Mapping[str, np.ndarray]
+) -> int:
+    """Rule 6: how many samples one run may take so its outputs stay within the budget."""
+    length = _batch_length(feed)
+    if length is None:
+        return 1 << 30
+    one = {name: np.asarray(value)[:1] for name, value in feed.items()}
+    try:
+        sample_bytes = sum(np.asarray(v).nbytes for v in session.run(names, one))  # type: ignore[attr-defined]
+    except Exception:
+        logger.debug("calibration: cannot run a single sample; batches are not split")
+        return 1 << 30
+    per_run = max(1, OUTPUT_BUDGET_BYTES // max(sample_bytes, 1))
+    if per_run < length:
+        logger.info(
+            "calibration: %d MiB of outputs per sample; running %d samples at a time",
+            sample_bytes >> 20,
+            per_run,
+        )
+    return per_run
+
+
+def gram_budget(model: Model) -> int:
+    """Rule 6: bytes of XᵀX one calibration run may hold for ``model``."""
+    return max(GRAM_BUDGET_MIN_BYTES, int(GRAM_BUDGET_FRACTION * model.weight_bytes()))
+
+
+def gram_bytes(channels: int) -> int:
+    """Bytes of one float64 channels × channels Gram matrix."""
+    return 8 * channels * channels
+
+
+def chunk_by_budget(
+    items: Sequence[Item], tensors_of: Callable[[Item], Mapping[str, int]], budget: int
+) -> list[list[Item]]:
+    """Consecutive ``items`` grouped so each group's distinct tensors cost at most ``budget``.
+
+    ``tensors_of(item)`` maps the tensors an item needs statistics of to their cost in bytes;
+    a tensor shared by items of one group counts once. An item over budget alone is a group.
+    """
+    groups: list[list[Item]] = []
+    current: list[Item] = []
+    seen: dict[str, int] = {}
+    for item in items:
+        needed = {name: cost for name, cost in tensors_of(item).items() if name not in seen}
+        if current and sum(seen.values()) + sum(needed.values()) > budget:
+            groups.append(current)
+            current, seen = [], {}
+            needed = dict(tensors_of(item))
+        current.append(item)
+        seen.update(needed)
+    if current:
+        groups.append(current)
+    return groups
 
 
 # --- calibrators (rule 5) --------------------------------------------------------------------

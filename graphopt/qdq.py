@@ -52,16 +52,25 @@ def quantize_weight(
     """Rule 1: int8 values and their per-channel (or per-tensor) parameters."""
     limit = 63.0 if reduce_range else 127.0
     weights = np.asarray(values, dtype=np.float32)
+    # In place where possible: a multi-GB model's largest tensor needs one float32 temporary.
     if axis is None:
-        peak = np.array(np.abs(weights).max() if weights.size else 0.0)
+        peak = np.array(max(weights.max(), -weights.min()) if weights.size else 0.0)
     else:
-        moved = np.moveaxis(np.abs(weights), axis, 0).reshape(weights.shape[axis], -1)
-        peak = moved.max(axis=1) if moved.size else np.zeros(weights.shape[axis])
+        moved = np.moveaxis(weights, axis, 0).reshape(weights.shape[axis], -1)
+        peak = (
+            np.maximum(moved.max(axis=1), -moved.min(axis=1))
+            if moved.size
+            else np.zeros(weights.shape[axis])
+        )
     scale = np.where(peak > 0, peak / limit, 1.0).astype(np.float32)
     shape = [1] * weights.ndim
     if axis is not None:
         shape[axis] = -1
-    quantized = np.clip(np.round(weights / scale.reshape(shape)), -limit, limit).astype(np.int8)
+    scaled = np.divide(weights, scale.reshape(shape), dtype=np.float32)
+    np.round(scaled, out=scaled)
+    np.clip(scaled, -limit, limit, out=scaled)
+    quantized = scaled.astype(np.int8)
+    del scaled
     zero_point = np.zeros_like(scale, dtype=np.int8)
     return quantized, QuantParams(scale, zero_point, axis)
 

@@ -23,6 +23,7 @@ from graphopt.model import (
     iter_constants,
     iter_graphs,
     model_file_bytes,
+    weight_values,
 )
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def summarize(model: Model) -> ModelSummary:
             external_tensors += 1
             external_bytes += nbytes
         if dtype.startswith(("float", "bfloat")) and count > 1:
-            values = constant.values
+            values = weight_values(constant)
             zeros += int(np.count_nonzero(values == 0))
             float_params += count
             del values

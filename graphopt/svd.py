@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import linalg
 
 logger = logging.getLogger(__name__)
 
@@ -110,18 +111,29 @@ class Spectrum:
 
 
 def whitening_factor(gram: np.ndarray, damping: float = JITTER_START) -> np.ndarray:
-    """Rule 2: lower-triangular L with ``gram + εI = L Lᵀ``."""
+    """Rule 2: lower-triangular L with ``gram + εI = L Lᵀ``.
+
+    Works in one K×K buffer beside ``gram`` (LAPACK factors it in place), so a 16k-wide
+    input needs two Gram-sized arrays, not five.
+    """
     gram = np.asarray(gram, dtype=np.float64)
-    scale = float(np.mean(np.diag(gram)))
+    diagonal = np.diagonal(gram)
+    scale = float(np.mean(diagonal))
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError("activation statistics are all zero")
     jitter = max(damping, JITTER_START) * scale
-    identity = np.eye(gram.shape[0])
+    buffer = np.empty_like(gram)
     for _ in range(JITTER_TRIES):
+        np.copyto(buffer, gram)
+        buffer[np.diag_indices_from(buffer)] += jitter
         try:
-            return np.linalg.cholesky(gram + jitter * identity)
-        except np.linalg.LinAlgError:
+            # buffer.T is Fortran-ordered, so LAPACK works in place; the symmetric matrix's
+            # upper factor U (A = UᵀU) read back in C order is L = Uᵀ.
+            upper = linalg.cholesky(buffer.T, lower=False, overwrite_a=True, check_finite=False)
+        except linalg.LinAlgError:
             jitter *= 10
+            continue
+        return np.ascontiguousarray(upper.T)
     raise ValueError("activation Gram matrix is not positive definite even with jitter")
 
 
@@ -160,7 +172,9 @@ def factors(spectrum: Spectrum, rank: int, dtype: np.dtype) -> tuple[np.ndarray,
     first = spectrum.left[:, :rank].astype(np.float64) * root
     second = root[:, None] * spectrum.right[:rank].astype(np.float64)
     if spectrum.whitening is not None:
-        first = np.linalg.solve(spectrum.whitening.T, first)
+        first = linalg.solve_triangular(
+            spectrum.whitening, first, trans="T", lower=True, check_finite=False
+        )
     first_peak = np.abs(first).max(axis=0)
     second_peak = np.abs(second).max(axis=1)
     usable = (first_peak > 0) & (second_peak > 0)

@@ -14,6 +14,10 @@ Rules:
    ``min_cosine``, ``min_snr_db`` and, where given and applicable, ``min_top1``. A candidate that
    produces NaN or Inf where the reference does not always fails.
 4. The library returns a typed :class:`ValidationReport`; it never prints.
+5. One model is in memory at a time: the reference runs over every batch first and its outputs
+   go to temporary files (memory-mapped back), then it is freed and the candidate runs. Peak
+   memory is the larger model plus one batch, so a multi-GB model can be checked against its
+   optimized version on a machine that could not hold both.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -314,6 +320,45 @@ def _looks_like_logits(name: str) -> bool:
 ModelSource = str | os.PathLike[str] | onnx.ModelProto
 
 
+class _ReferenceOutputs:
+    """The reference's outputs of every batch, kept in ``.npy`` files (rule 5)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def save(self, batch: int, outputs: Sequence[np.ndarray]) -> None:
+        for position, value in enumerate(outputs):
+            np.save(self.folder / f"{batch}_{position}.npy", np.asarray(value))
+
+    def load(self, batch: int, positions: Sequence[int]) -> list[np.ndarray]:
+        return [np.load(self.folder / f"{batch}_{p}.npy", mmap_mode="r") for p in positions]
+
+
+def _run_reference(
+    reference: ModelSource, provider: str, feeds: Feeds, stored: _ReferenceOutputs
+) -> list[str]:
+    """Run the reference over every batch, store its outputs, free it; returns output names."""
+    try:
+        session = make_session(reference, provider, optimize=False)
+    except Exception as error:  # onnxruntime's own exception types
+        raise InputError(
+            f"the reference model does not load in onnxruntime ({provider}): {_first_line(error)}"
+        ) from error
+    names = [o.name for o in session.get_outputs()]
+    for batch_index, feed in enumerate(feeds):
+        try:
+            outputs = session.run(names, feed)
+        except Exception as error:
+            raise InputError(
+                f"onnxruntime cannot run the reference model on {feeds.description}: "
+                f"{_first_line(error)}"
+            ) from error
+        stored.save(batch_index, outputs)
+        del outputs
+    del session
+    return names
+
+
 def compare_models(
     reference: ModelSource,
     candidate: ModelSource,
@@ -330,50 +375,44 @@ def compare_models(
     placement: dict[str, dict[str, list[str]]] = {}
     samples = 0
     for provider in providers:
-        try:
-            ref_session = make_session(reference, provider, optimize=False)
-        except Exception as error:  # onnxruntime's own exception types
-            raise InputError(
-                f"the reference model does not load in onnxruntime ({provider}): "
-                f"{_first_line(error)}"
-            ) from error
-        try:
-            cand_session = make_session(candidate, provider, optimize=False)
-        except Exception as error:
-            for name in (o.name for o in ref_session.get_outputs()):
-                broken = OutputComparison(output=name, provider=provider)
-                broken.fail(
-                    "loads", f"candidate does not load in onnxruntime: {_first_line(error)}"
-                )
-                comparisons.append(broken)
-            continue
-        ref_names = [o.name for o in ref_session.get_outputs()]
-        cand_names = {o.name for o in cand_session.get_outputs()}
-        common = [name for name in ref_names if name in cand_names]
-        accumulators = {name: MetricAccumulator(name, provider, criteria, seed) for name in common}
-        provider_samples = 0
-        for batch_index, feed in enumerate(feeds if common else []):
+        with tempfile.TemporaryDirectory(prefix="graphopt-validate-") as folder:
+            stored = _ReferenceOutputs(Path(folder))
+            ref_names = _run_reference(reference, provider, feeds, stored)
             try:
-                ref_out = ref_session.run(common, feed)
-            except Exception as error:
-                raise InputError(
-                    f"onnxruntime cannot run the reference model on {feeds.description}: "
-                    f"{_first_line(error)}"
-                ) from error
-            try:
-                cand_out = cand_session.run(common, feed)
-            except Exception as error:
-                for name in common:
-                    accumulators[name].result.fail(
-                        "runs", f"candidate fails to run: {_first_line(error)}"
+                cand_session = make_session(candidate, provider, optimize=False)
+            except Exception as error:  # onnxruntime's own exception types
+                for name in ref_names:
+                    broken = OutputComparison(output=name, provider=provider)
+                    broken.fail(
+                        "loads", f"candidate does not load in onnxruntime: {_first_line(error)}"
                     )
-                break
-            for name, ref_value, cand_value in zip(common, ref_out, cand_out, strict=True):
-                accumulators[name].add(np.asarray(ref_value), np.asarray(cand_value))
-            first = next(iter(feed.values()))
-            provider_samples += int(first.shape[0]) if first.ndim else 1
-            if on_batch is not None:
-                on_batch(batch_index)
+                    comparisons.append(broken)
+                continue
+            cand_names = {o.name for o in cand_session.get_outputs()}
+            common = [name for name in ref_names if name in cand_names]
+            positions = [ref_names.index(name) for name in common]
+            accumulators = {
+                name: MetricAccumulator(name, provider, criteria, seed) for name in common
+            }
+            provider_samples = 0
+            for batch_index, feed in enumerate(feeds if common else []):
+                try:
+                    cand_out = cand_session.run(common, feed)
+                except Exception as error:
+                    for name in common:
+                        accumulators[name].result.fail(
+                            "runs", f"candidate fails to run: {_first_line(error)}"
+                        )
+                    break
+                ref_out = stored.load(batch_index, positions)
+                for name, ref_value, cand_value in zip(common, ref_out, cand_out, strict=True):
+                    accumulators[name].add(np.asarray(ref_value), np.asarray(cand_value))
+                del ref_out, cand_out
+                first = next(iter(feed.values()))
+                provider_samples += int(first.shape[0]) if first.ndim else 1
+                if on_batch is not None:
+                    on_batch(batch_index)
+            del cand_session
         samples = max(samples, provider_samples)
         if provider != "cpu" and common:
             placement[provider] = node_placement(candidate, provider, next(iter(feeds)))
@@ -384,7 +423,6 @@ def compare_models(
                 missing = OutputComparison(output=name, provider=provider)
                 missing.fail("present", "output missing from the candidate")
                 comparisons.append(missing)
-        del ref_session, cand_session
     return ValidationReport(
         data=feeds.description,
         synthetic=feeds.synthetic,

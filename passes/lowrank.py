@@ -14,11 +14,18 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from graphopt.calibration import StatRequest, collect
+from graphopt.calibration import (
+    StatRequest,
+    chunk_by_budget,
+    collect,
+    gram_budget,
+    gram_bytes,
+)
 from graphopt.data import Feeds
 from graphopt.errors import InputError
-from graphopt.model import Model, iter_graphs
+from graphopt.model import Model, iter_graphs, weight_values
 from graphopt.options import Option
 from graphopt.pass_api import Budget, Pass, PassContext, PassResult, WeightClaims
 from graphopt.qdq import Namer
@@ -65,16 +72,22 @@ class WeightGroup:
         return (cols, rows) if self.transposed else (rows, cols)
 
     def matrix(self) -> np.ndarray:
-        values = np.asarray(self.weight.values)
+        values = weight_values(self.weight)
         values = values.T if self.transposed else values
         return values * np.float32(self.alpha) if self.alpha != 1.0 else values
 
 
 @dataclass
 class Decision:
+    """A group's rank and, once computed, its factors (spilled to disk when large)."""
+
     group: WeightGroup
     rank: int
-    spectrum: Spectrum
+    relative_error: float
+    spectrum: Spectrum | None = None
+    """Kept only until the factors are computed (global allocation needs every spectrum)."""
+    first: np.ndarray | LazyValues | None = None
+    second: np.ndarray | LazyValues | None = None
 
 
 class LowRankPass(Pass):
@@ -105,6 +118,11 @@ class LowRankPass(Pass):
        factors;
        in whitened mode the Gram matrices of all their inputs are summed, so the factors
        minimise the summed output error.
+       Memory stays bounded on large models: groups are calibrated in runs whose Gram matrices
+       fit :func:`~graphopt.calibration.gram_budget`, each group's factors are computed as
+       soon as its rank is known and spilled to disk (:class:`~graphopt.model.WeightSpill`),
+       and its Gram matrix and spectrum are dropped. ``allocation=global`` keeps every
+       layer's leading singular vectors until the budget is spent.
     6. ``allocation=global`` (with ``ratio``): instead of the same ratio everywhere, the
        parameter budget ratio × (all candidates' parameters) is spent greedily on the rank
        blocks (8 components) with the largest relative error reduction per parameter across
@@ -192,13 +210,27 @@ class LowRankPass(Pass):
     def call(self, model: Model, context: PassContext) -> PassResult:
         groups, skipped = self._groups(model.graph, context)
         groups = self._feasible(_whole_weights(groups, skipped), skipped)
-        grams = self._grams(model, groups, context)
-        decisions = self._decide(groups, grams, skipped, context.seed)
+        data_aware = bool(groups) and self._data_aware(context)
+        use_global = self.options["allocation"] == "global" and not self._fixed_target()
+        chunks = (
+            chunk_by_budget(groups, _gram_tensors, gram_budget(model)) if data_aware else [groups]
+        )
+        decisions: list[Decision] = []
+        seed = context.seed
+        for chunk in chunks:
+            grams = self._grams(model, chunk, context) if data_aware else None
+            decisions += self._decide(model, chunk, grams, skipped, seed, use_global)
+            seed += len(chunk)
+            del grams
+        if use_global:
+            decisions = _allocate_globally(decisions, self.options["ratio"])
+            for decision in decisions:
+                self._factor(model, decision)
         touched = self._rewrite(model.graph, decisions, context.claims)
         params_before = sum(d.group.shape[0] * d.group.shape[1] for d in decisions)
         params_after = sum(d.rank * sum(d.group.shape) for d in decisions)
         stats: dict[str, Any] = {
-            "method": "whiten" if grams is not None else "svd",
+            "method": "whiten" if data_aware else "svd",
             "split": len(touched),
             "weights_factored": len(decisions),
             "params_before": params_before,
@@ -208,11 +240,13 @@ class LowRankPass(Pass):
                     "shape": list(d.group.shape),
                     "rank": d.rank,
                     "break_even": round(break_even_rank(*d.group.shape), 1),
-                    "relative_error": round(d.spectrum.relative_error(d.rank), 6),
+                    "relative_error": round(d.relative_error, 6),
                 }
                 for d in decisions
             },
         }
+        if len(chunks) > 1:
+            stats["calibration_runs"] = len(chunks)
         if skipped:
             stats["skipped"] = count_reasons(skipped.values())
         if touched:
@@ -343,12 +377,13 @@ class LowRankPass(Pass):
 
     def _decide(
         self,
+        model: Model,
         groups: list[WeightGroup],
         grams: dict[str, np.ndarray] | None,
         skipped: dict[str, str],
         seed: int,
+        use_global: bool,
     ) -> list[Decision]:
-        use_global = self.options["allocation"] == "global" and not self._fixed_target()
         decisions: list[Decision] = []
         for index, group in enumerate(groups):
             rows, cols = group.shape
@@ -368,14 +403,27 @@ class LowRankPass(Pass):
             except ValueError as error:
                 self._skip(group, f"cannot whiten ({error})", skipped)
                 continue
+            finally:
+                del gram
             rank = wanted if wanted is not None else self._energy_rank(spectrum)
             if not use_global and rank > max_rank(rows, cols):
                 self._skip(group, _break_even_reason(rank, rows, cols), skipped)
                 continue
-            decisions.append(Decision(group, rank, spectrum))
-        if use_global:
-            decisions = _allocate_globally(decisions, self.options["ratio"])
+            decision = Decision(group, rank, spectrum.relative_error(rank), spectrum)
+            if not use_global:
+                self._factor(model, decision)
+            decisions.append(decision)
         return decisions
+
+    @staticmethod
+    def _factor(model: Model, decision: Decision) -> None:
+        """Rule 7: compute the factors, keep them on disk when large, drop the spectrum."""
+        assert decision.spectrum is not None
+        first, second = factors(decision.spectrum, decision.rank, np.dtype(np.float32))
+        base = decision.group.weight.name
+        decision.first = model.spill.values(first, f"{base}_lowrank_A")
+        decision.second = model.spill.values(second, f"{base}_lowrank_B")
+        decision.spectrum = None
 
     def _fixed_target(self) -> bool:
         return self.options["rank"] > 0 or self.options["energy"] > 0
@@ -401,7 +449,13 @@ class LowRankPass(Pass):
         if missing:
             self._skip(group, f"no activation statistics for {missing[0]}", skipped)
             return None
-        return sum((grams[name] for name in names), start=np.zeros_like(grams[next(iter(names))]))
+        first, *others = names
+        if not others:
+            return grams[first]
+        total = np.array(grams[first], dtype=np.float64)
+        for name in others:
+            total += grams[name]
+        return total
 
     def _skip(self, group: WeightGroup, reason: str, skipped: dict[str, str]) -> None:
         for consumer in group.consumers:
@@ -417,10 +471,10 @@ class LowRankPass(Pass):
         touched: list[str] = []
         for decision in decisions:
             group = decision.group
-            first, second = factors(decision.spectrum, decision.rank, np.dtype(np.float32))
+            assert decision.first is not None and decision.second is not None
             base = group.weight.name
-            left = gs.Constant(namer(f"{base}_lowrank_A"), first)
-            right = gs.Constant(namer(f"{base}_lowrank_B"), second)
+            left = gs.Constant(namer(f"{base}_lowrank_A"), decision.first)
+            right = gs.Constant(namer(f"{base}_lowrank_B"), decision.second)
             for claimed in (group.weight, left, right):
                 claims.claim(claimed.name, self.name)
             for consumer in group.consumers:
@@ -476,15 +530,21 @@ def _allocate_globally(decisions: list[Decision], ratio: float) -> list[Decision
     """Rule 6: spend ratio × total parameters on the most useful rank blocks."""
     if not decisions:
         return decisions
+    spectra = [d.spectrum for d in decisions]
+    assert all(spectrum is not None for spectrum in spectra)
     budget = ratio * sum(d.group.shape[0] * d.group.shape[1] for d in decisions)
-    limits = [min(max_rank(*d.group.shape), d.spectrum.computed) for d in decisions]
+    limits = [
+        min(max_rank(*d.group.shape), spectrum.computed)  # type: ignore[union-attr]
+        for d, spectrum in zip(decisions, spectra, strict=True)
+    ]
     ranks = [min(GLOBAL_STEP, limit) for limit in limits]
     costs = [sum(d.group.shape) for d in decisions]
     spent = sum(rank * cost for rank, cost in zip(ranks, costs, strict=True))
     blocks: list[tuple[float, int, int, int]] = []
-    for index, decision in enumerate(decisions):
-        energy = decision.spectrum.singular_values.astype(np.float64) ** 2
-        total = decision.spectrum.total_energy or 1.0
+    for index, spectrum in enumerate(spectra):
+        assert spectrum is not None
+        energy = spectrum.singular_values.astype(np.float64) ** 2
+        total = spectrum.total_energy or 1.0
         for start in range(ranks[index], limits[index], GLOBAL_STEP):
             stop = min(start + GLOBAL_STEP, limits[index])
             gain = float(energy[start:stop].sum()) / total
@@ -496,9 +556,15 @@ def _allocate_globally(decisions: list[Decision], ratio: float) -> list[Decision
         ranks[index] = stop
         spent += cost
     return [
-        Decision(decision.group, rank, decision.spectrum)
-        for decision, rank in zip(decisions, ranks, strict=True)
+        Decision(decision.group, rank, spectrum.relative_error(rank), spectrum)  # type: ignore[union-attr]
+        for decision, spectrum, rank in zip(decisions, spectra, ranks, strict=True)
     ]
+
+
+def _gram_tensors(group: WeightGroup) -> dict[str, int]:
+    """The activations whose XᵀX a group needs, with the bytes of each Gram matrix."""
+    channels = group.shape[0]
+    return {consumer.activation.name: gram_bytes(channels) for consumer in group.consumers}
 
 
 def _whole_weights(groups: list[WeightGroup], skipped: dict[str, str]) -> list[WeightGroup]:

@@ -23,7 +23,7 @@ from graphopt.calibration import (
 from graphopt.data import Feeds
 from graphopt.edit import replace_input
 from graphopt.errors import InputError
-from graphopt.model import Model, runnable_model
+from graphopt.model import Model, runnable_model, weight_values
 from graphopt.options import Option
 from graphopt.ort import make_session
 from graphopt.pass_api import Budget, Pass, PassContext, PassResult
@@ -409,7 +409,7 @@ class QuantPass(Pass):
             ):
                 continue
             if id(table) not in tables:
-                quantized, params = quantize_weight(table.values, 0)
+                quantized, params = quantize_weight(weight_values(table), 0)
                 tables[id(table)] = (
                     gs.Constant(namer(f"{table.name}_quantized"), quantized),
                     gs.Constant(namer(f"{table.name}_row_scale"), params.scale.reshape(-1, 1)),
@@ -589,7 +589,9 @@ class QuantPass(Pass):
                 continue
             params = activation_params(*ranges[candidate.activation.name], symmetric=symmetric)
             quantized, weight_params = quantize_weight(
-                weight.values, candidate.weight_axis, reduce_range=self.options["reduce_range"]
+                weight_values(weight),
+                candidate.weight_axis,
+                reduce_range=self.options["reduce_range"],
             )
             weight_output = dequantize_node(graph, namer, weight.name, quantized, weight_params)
             node.inputs[candidate.placement.weight_input] = weight_output
@@ -627,7 +629,9 @@ class QuantPass(Pass):
             float(node.attrs.get("alpha", 1.0)) != 1.0 or float(node.attrs.get("beta", 1.0)) != 1.0
         ):
             return
-        quantized, params = quantize_bias(bias.values, float(activation.scale), weight.scale)
+        quantized, params = quantize_bias(
+            weight_values(bias), float(activation.scale), weight.scale
+        )
         node.inputs[index] = dequantize_node(graph, namer, bias.name, quantized, params)
 
     # --- rule 5 -------------------------------------------------------------------------------
@@ -706,7 +710,7 @@ class QuantPass(Pass):
             if x_max is None:
                 continue
             if alpha > 0:
-                w_max = np.max([np.abs(c.weight.values).max(axis=1) for c in group], axis=0)
+                w_max = np.max([np.abs(weight_values(c.weight)).max(axis=1) for c in group], axis=0)
                 scales = np.power(np.maximum(x_max, 1e-5), alpha) / np.power(
                     np.maximum(w_max, 1e-5), 1 - alpha
                 )
@@ -718,7 +722,7 @@ class QuantPass(Pass):
             for candidate in group:
                 candidate.weight = gs.Constant(
                     namer(f"{candidate.weight.name}_smoothed"),
-                    (candidate.weight.values * scales[:, None]).astype(np.float32),
+                    (weight_values(candidate.weight) * scales[:, None]).astype(np.float32),
                 )
                 candidate.node.inputs[candidate.placement.weight_input] = candidate.weight
             new_activation = _divide_activation(model.graph, namer, activation, group, scales)
@@ -769,7 +773,9 @@ def _rescaled(
 def _apply_dynamic(graph: gs.Graph, namer: Namer, candidate: Candidate, reduce_range: bool) -> None:
     """Rule 9: DynamicQuantizeLinear → MatMulInteger → Cast → Mul (ORT: DynamicQuantizeMatMul)."""
     node, activation = candidate.node, candidate.activation
-    quantized, params = quantize_weight(candidate.weight.values, 1, reduce_range=reduce_range)
+    quantized, params = quantize_weight(
+        weight_values(candidate.weight), 1, reduce_range=reduce_range
+    )
     output = _detach(node)
     base = node.name or output.name
     x_q = _variable(namer, f"{base}_x_quantized", np.uint8)
@@ -837,7 +843,7 @@ def unpack_int4_blocks(packed: np.ndarray, scales: np.ndarray, rows: int) -> np.
 def _apply_int4(graph: gs.Graph, namer: Namer, candidate: Candidate, block_size: int) -> None:
     """Rule 8: MatMul → com.microsoft MatMulNBits with int4 block-wise weights."""
     node = candidate.node
-    values = candidate.weight.values
+    values = weight_values(candidate.weight)
     packed, scales = pack_int4_blocks(values, block_size)
     activation = candidate.activation
     output = _detach(node)
@@ -869,7 +875,7 @@ def _apply_split(
     """Rule 10: Y = Q(X[:, in]) · Q(W[in]) + X[:, out] · W[out]."""
     assert candidate.outliers is not None and candidate.inlier_range is not None
     node, activation = candidate.node, candidate.activation
-    weight = candidate.weight.values
+    weight = weight_values(candidate.weight)
     outliers = candidate.outliers
     inliers = np.setdiff1d(np.arange(weight.shape[0]), outliers).astype(np.int64)
     output = _detach(node)
@@ -945,7 +951,8 @@ def _divide_activation(
                 old = producer.inputs[index]
                 scaled.append(
                     gs.Constant(
-                        namer(f"{old.name}_smoothed"), (old.values / scales).astype(np.float32)
+                        namer(f"{old.name}_smoothed"),
+                        (weight_values(old) / scales).astype(np.float32),
                     )
                 )
         if readers <= group_nodes and activation not in graph.outputs:

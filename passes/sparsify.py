@@ -18,12 +18,20 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from scipy import linalg
 
-from graphopt.calibration import StatRequest, TensorStats, collect
+from graphopt.calibration import (
+    StatRequest,
+    TensorStats,
+    chunk_by_budget,
+    collect,
+    gram_budget,
+    gram_bytes,
+)
 from graphopt.data import Feeds
 from graphopt.edit import replace_input
 from graphopt.errors import InputError, OptionError
-from graphopt.model import Model
+from graphopt.model import Model, set_weight, weight_values
 from graphopt.options import Option
 from graphopt.pass_api import Budget, Pass, PassContext, PassResult
 from graphopt.qdq import Namer
@@ -213,10 +221,12 @@ def sparsegpt(
     Hessian is not finite or no dampening tried makes its inverse positive definite.
     """
     matrix = np.array(weights, dtype=np.float64)
-    h = np.array(hessian, dtype=np.float64)
+    h = np.asarray(hessian, dtype=np.float64)
     cols = matrix.shape[1]
     dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
+    if dead.any():
+        h = h.copy()
+        h[dead, dead] = 1.0
     upper = _inverse_cholesky(h, damp)
     if pattern.is_nm:
         block_size = max(pattern.group, block_size - block_size % pattern.group)
@@ -248,18 +258,20 @@ def sparsegpt(
 
 
 def _inverse_cholesky(hessian: np.ndarray, damp: float) -> np.ndarray:
-    """Upper Cholesky factor of (H + λI)⁻¹, λ = ``damp`` × mean diagonal (see :func:`sparsegpt`)."""
+    """Upper Cholesky factor of (H + λI)⁻¹, λ = ``damp`` × mean diagonal (see :func:`sparsegpt`).
+
+    Factored, inverted and factored again in one K×K buffer beside ``hessian`` (LAPACK
+    potrf/potri in place), so wide layers need two Hessian-sized arrays.
+    """
     if not np.all(np.isfinite(hessian)):
         raise np.linalg.LinAlgError("the Hessian has non-finite entries")
     mean = float(np.mean(np.diag(hessian)))
+    buffer = np.empty(hessian.shape, dtype=np.float64, order="F")
     for attempt in range(HESSIAN_RETRIES + 1):
-        damped = hessian.copy()
-        damped[np.diag_indices_from(damped)] += damp * mean
-        try:
-            upper = np.linalg.cholesky(np.linalg.inv(damped)).T
-        except np.linalg.LinAlgError:
-            upper = None
-        if upper is not None and np.all(np.isfinite(upper)):
+        np.copyto(buffer, hessian)
+        buffer[np.diag_indices_from(buffer)] += damp * mean
+        upper = _upper_inverse_factor(buffer)
+        if upper is not None:
             return upper
         if attempt < HESSIAN_RETRIES:
             logger.info(
@@ -269,6 +281,21 @@ def _inverse_cholesky(hessian: np.ndarray, damp: float) -> np.ndarray:
             )
             damp *= 10
     raise np.linalg.LinAlgError(f"inverse Hessian not positive definite even with damp={damp:g}")
+
+
+def _upper_inverse_factor(damped: np.ndarray) -> np.ndarray | None:
+    """Upper U with UᵀU = damped⁻¹, computed in ``damped``'s (Fortran-ordered) memory."""
+    factor, info = linalg.lapack.dpotrf(damped, lower=0, overwrite_a=1, clean=0)
+    if info != 0:
+        return None
+    inverse, info = linalg.lapack.dpotri(factor, lower=0, overwrite_c=1)
+    if info != 0:
+        return None
+    # potri fills the upper triangle only, which is all potrf(lower=0) reads.
+    upper, info = linalg.lapack.dpotrf(inverse, lower=0, overwrite_a=1, clean=1)
+    if info != 0 or not np.all(np.isfinite(upper)):
+        return None
+    return upper
 
 
 def gzip_bytes(values: np.ndarray) -> int:
@@ -371,6 +398,16 @@ def _claim(context: PassContext, weights: Sequence[gs.Constant]) -> str | None:
 
 def _node_order(model: Model) -> dict[str, int]:
     return {node_label(node): index for index, node in enumerate(model.graph.nodes)}
+
+
+def _gram_tensors(job: WeightJob) -> dict[str, int]:
+    """The activations whose XᵀX SparseGPT needs for ``job``, with each Gram matrix's bytes."""
+    shape = tuple(int(d) for d in job.weight.shape)
+    if job.layout.op == "Conv":
+        channels = shape[1] * int(job.nodes[0].attrs.get("group", 1))
+    else:
+        channels = shape[1] if job.layout.transposed else shape[0]
+    return {tensor.name: gram_bytes(channels) for tensor, _ in job.stats_inputs}
 
 
 def _stages(graph: gs.Graph, jobs: Sequence[WeightJob]) -> list[list[WeightJob]]:
@@ -740,19 +777,34 @@ class SparsifyPass(Pass):
             model.graph.toposort()
         stages = _stages(model.graph, jobs) if sequential else [jobs]
         touched: list[str] = []
-        for index, stage in enumerate(stages):
-            statistics = self._collect(model, context, method, stage)
-            for job in stage:
-                original = np.asarray(job.weight.values)
-                try:
-                    updated = self._sparsify_one(job, method, statistics, thresholds)
-                except np.linalg.LinAlgError as error:
-                    report.skip(job.name, "hessian-not-invertible", f"sparsegpt: {error}")
-                    continue
-                job.weight.values = updated.astype(original.dtype)
-                self._record(job, original, job.weight.values, report)
-                touched.extend(node_label(node) for node in job.nodes)
-            logger.debug("sparsify: stage %d of %d done", index + 1, len(stages))
+        budget = gram_budget(model)
+        runs = 0
+        for stage in stages:
+            # Every run of a stage sees the graph as the stage began: new weights are applied
+            # once the stage is done (rule 4), only their spilled values are held until then.
+            pending: list[tuple[WeightJob, Any]] = []
+            chunks = (
+                chunk_by_budget(stage, _gram_tensors, budget) if method == "sparsegpt" else [stage]
+            )
+            for chunk in chunks:
+                statistics = self._collect(model, context, method, chunk)
+                for job in chunk:
+                    original = weight_values(job.weight)
+                    try:
+                        updated = self._sparsify_one(job, method, statistics, thresholds)
+                    except np.linalg.LinAlgError as error:
+                        report.skip(job.name, "hessian-not-invertible", f"sparsegpt: {error}")
+                        continue
+                    updated = updated.astype(original.dtype)
+                    self._record(job, original, updated, report)
+                    pending.append((job, model.spill.values(updated, job.weight.name)))
+                    del original, updated
+                    touched.extend(node_label(node) for node in job.nodes)
+                del statistics
+                runs += 1
+            for job, values in pending:
+                job.weight.values = values
+        logger.debug("sparsify: %d calibration runs", runs)
         logger.info(
             "sparsify: %d weights sparsified with %s in %d stages",
             len(report.layers),
@@ -802,7 +854,7 @@ class SparsifyPass(Pass):
         if not pooled:
             return {}
         magnitudes = [
-            np.abs(np.asarray(job.weight.values, np.float64)).reshape(-1) for job in pooled
+            np.abs(np.asarray(weight_values(job.weight), np.float64)).reshape(-1) for job in pooled
         ]
         flat = np.concatenate(magnitudes)
         mask = lowest_mask(flat, prune_count(flat.size, self.options["sparsity"]), None)
@@ -820,7 +872,7 @@ class SparsifyPass(Pass):
         statistics: dict[str, TensorStats],
         global_masks: dict[int, np.ndarray],
     ) -> np.ndarray:
-        values = np.asarray(job.weight.values)
+        values = weight_values(job.weight)
         shape = tuple(values.shape)
         if id(job.weight) in global_masks:
             return np.where(global_masks[id(job.weight)], 0.0, values)
@@ -876,8 +928,13 @@ class SparsifyPass(Pass):
     def _hessian(
         self, job: WeightJob, statistics: dict[str, TensorStats], shape: tuple[int, ...]
     ) -> np.ndarray:
-        gram = sum(statistics[tensor.name].gram for tensor, _ in job.stats_inputs)
-        gram = np.asarray(gram, dtype=np.float64)
+        names = dict.fromkeys(tensor.name for tensor, _ in job.stats_inputs)
+        first, *others = names
+        gram = np.asarray(statistics[first].gram, dtype=np.float64)
+        if others:
+            gram = gram.copy()
+            for name in others:
+                gram += statistics[name].gram
         if job.layout.op == "Conv":
             return np.kron(np.eye(shape[2] * shape[3]), gram)
         return gram
@@ -935,7 +992,7 @@ class SparsifyPass(Pass):
         for plan in plans:
             keep = self._kept_channels(plan, statistics)
             before = self._plan_parameters(plan)
-            self._apply_plan(plan, keep, namer)
+            self._apply_plan(model, plan, keep, namer)
             after = self._plan_parameters(plan)
             report.layers[node_label(plan.producer)] = {
                 "channels": f"{plan.channels}→{keep.size}",
@@ -1149,10 +1206,12 @@ class SparsifyPass(Pass):
         importance = np.zeros(plan.channels, dtype=np.float64)
         producer_norm = None
         if not statistics:
-            produced = np.moveaxis(np.asarray(plan.weight.values, np.float64), plan.out_axis, 0)
+            produced = np.moveaxis(
+                np.asarray(weight_values(plan.weight), np.float64), plan.out_axis, 0
+            )
             producer_norm = np.linalg.norm(produced.reshape(plan.channels, -1), axis=1)
         for sink, weight, axis in plan.sinks:
-            rows = np.moveaxis(np.asarray(weight.values, np.float64), axis, 0)
+            rows = np.moveaxis(np.asarray(weight_values(weight), np.float64), axis, 0)
             sink_norm = np.linalg.norm(rows.reshape(plan.channels, -1), axis=1)
             if producer_norm is None:
                 activation = statistics[sink.inputs[0].name].channel_sumsq
@@ -1163,21 +1222,21 @@ class SparsifyPass(Pass):
         order = np.argsort(-importance, kind="stable")
         return np.sort(order[: plan.channels - remove])
 
-    def _apply_plan(self, plan: ChannelPlan, keep: np.ndarray, namer: Namer) -> None:
-        plan.weight.values = np.take(np.asarray(plan.weight.values), keep, axis=plan.out_axis)
+    def _apply_plan(self, model: Model, plan: ChannelPlan, keep: np.ndarray, namer: Namer) -> None:
+        set_weight(model, plan.weight, np.take(weight_values(plan.weight), keep, plan.out_axis))
         if plan.bias is not None:
-            plan.bias.values = np.take(np.asarray(plan.bias.values), keep, axis=0)
+            set_weight(model, plan.bias, np.take(weight_values(plan.bias), keep, axis=0))
         for _, weight, axis in plan.sinks:
-            weight.values = np.take(np.asarray(weight.values), keep, axis=axis)
+            set_weight(model, weight, np.take(weight_values(weight), keep, axis=axis))
         path_nodes = {id(node) for node, _, _ in plan.slices}
         sliced: dict[tuple[int, int], gs.Constant] = {}
         for node, position, axis in plan.slices:
             constant = node.inputs[position]
             key = (id(constant), axis)
             if key not in sliced:
-                values = np.take(np.asarray(constant.values), keep, axis=axis)
+                values = np.take(weight_values(constant), keep, axis=axis)
                 if all(id(reader) in path_nodes for reader in constant.outputs):
-                    constant.values = values
+                    set_weight(model, constant, values)
                     sliced[key] = constant
                 else:
                     sliced[key] = gs.Constant(namer(f"{constant.name}_pruned"), values)
