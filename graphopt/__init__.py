@@ -1,7 +1,8 @@
 """graphopt: a framework-agnostic ONNX graph optimizer, validated against the original model.
 
 The Python API mirrors the CLI: :func:`optimize` runs the whole job; :func:`load_model`,
-:func:`normalize`, :class:`PassManager` and :func:`compare_models` are the pieces it is built from.
+:func:`normalize`, :class:`PassManager` and :func:`compare_models` are the pieces it is built from;
+:func:`tune` searches passes and options for the best model that meets an accuracy bar.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from graphopt.normalize import normalize
 from graphopt.options import Option
 from graphopt.pass_api import Budget, Pass, PassContext, PassResult
 from graphopt.pipeline import OptimizeReport, optimize
+from graphopt.tune import TuneResult, tune
 from graphopt.validate import Criteria, ValidationReport, compare_models
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "PassResult",
     "PlanError",
     "TensorComparison",
+    "TuneResult",
     "UnknownPassError",
     "ValidationReport",
     "__version__",
@@ -70,4 +73,5 @@ __all__ = [
     "run_gate",
     "save_model",
     "synthesize",
+    "tune",
 ]

@@ -33,6 +33,7 @@ from graphopt.ort import resolve_providers
 from graphopt.pipeline import OptimizeReport, optimize
 from graphopt.registry import available_pass_names, load_pass_class
 from graphopt.summary import summarize
+from graphopt.tune import TuneResult, front_rows, tune
 from graphopt.validate import Criteria, ValidationReport
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -465,6 +466,153 @@ def check_command(
         _write_text(junit_path, report.to_junit())
     click.echo("check: " + ("PASSED" if report.passed else "FAILED"))
     return EXIT_OK if report.passed else EXIT_FAILED
+
+
+@cli.command("tune")
+@click.argument("input_model", type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--calib-data",
+    "data",
+    type=click.Path(path_type=Path),
+    required=True,
+    help=".npz (axis 0 = samples) or a folder of .npz feeds for the passes' calibration.",
+)
+@click.option(
+    "--data",
+    "validation_data",
+    type=click.Path(path_type=Path),
+    help="Held-out validation data (default: the calibration data, with a warning).",
+)
+@click.option(
+    "--objective",
+    type=click.Choice(["size", "latency"]),
+    default="size",
+    show_default=True,
+    help="size: the smallest model meeting the bar; latency: the fastest.",
+)
+@click.option(
+    "--min-cosine",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.99,
+    show_default=True,
+    help="The bar: min over outputs of each output's cosine to the original.",
+)
+@click.option("--budget", type=click.IntRange(min=1), help="Trials, cached ones included (24).")
+@click.option(
+    "--time-limit",
+    type=click.FloatRange(0, min_open=True),
+    help="Seconds after which no new trial starts.",
+)
+@click.option("--passes", "passes_text", help="Passes to search (default: every built-in pass).")
+@click.option(
+    "-o",
+    "--option",
+    "assignments",
+    multiple=True,
+    metavar="PASS.KEY=VALUE",
+    help="Fix a pass option in every candidate (repeatable).",
+)
+@click.option(
+    "--out-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Output folder (default: INPUT_MODEL's name + _tune).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    help="Evaluation processes (default: cores and free memory allow; 0 = this process).",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size for .npz data.")
+@click.option("--latency-runs", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def tune_command(
+    input_model: Path,
+    data: Path,
+    validation_data: Path | None,
+    objective: str,
+    min_cosine: float,
+    budget: int | None,
+    time_limit: float | None,
+    passes_text: str | None,
+    assignments: tuple[str, ...],
+    out_dir: Path | None,
+    workers: int | None,
+    batch_size: int | None,
+    latency_runs: int,
+    seed: int,
+) -> int:
+    """Search passes and options for the best model meeting --min-cosine (exit 1: none does)."""
+    folder = out_dir if out_dir is not None else Path(f"{input_model.stem}_tune")
+
+    def on_event(kind: str, info: dict[str, Any]) -> None:
+        if kind == "start":  # (a missing --data is a warning from the library's logger)
+            click.echo(
+                f"tune: lossy passes {', '.join(info['lossy'])}"
+                + (f" (always: {', '.join(info['base'])})" if info["base"] else "")
+                + f"; workers: {info['workers']}",
+                err=True,
+            )
+        elif kind == "trial":
+            trial = info["trial"]
+            evaluation = trial.evaluation
+            total = info["budget"] or "?"
+            if evaluation.status != "ok":
+                detail = f"error: {evaluation.error}"
+            else:
+                size = evaluation.size_bytes / info["original_bytes"]
+                bar = "meets bar" if trial.meets(info["min_cosine"]) else "below bar"
+                detail = f"cosine {evaluation.min_cosine:.6f}, size {size:.3f}× ({bar})"
+            cached = " [cached]" if trial.cached else ""
+            click.echo(
+                f"[{info['done']}/{total}] {trial.stage:<11} {trial.candidate.describe()}: "
+                f"{detail}{cached}",
+                err=True,
+            )
+        elif kind == "latency":
+            trial = info["trial"]
+            cached = " [cached]" if info["cached"] else ""
+            click.echo(
+                f"latency {trial.candidate.describe()}: {trial.latency_ratio:.3f}×{cached}",
+                err=True,
+            )
+
+    result = tune(
+        input_model,
+        folder,
+        calib_data=data,
+        data=validation_data,
+        objective=objective,
+        min_cosine=min_cosine,
+        budget=budget,
+        time_limit=time_limit,
+        passes=_split_names(passes_text) or None,
+        options=parse_option_assignments(assignments),
+        workers=workers,
+        seed=seed,
+        batch_size=batch_size,
+        latency_runs=latency_runs,
+        on_event=on_event,
+    )
+    _print_tune(result)
+    return EXIT_OK if result.passed else EXIT_FAILED
+
+
+def _print_tune(result: TuneResult) -> None:
+    click.echo(
+        f"tune: {len(result.trials)} trials ({result.evaluated} evaluated, {result.cached} "
+        f"cached) in {result.seconds:.1f} s; objective {result.objective}, "
+        f"min cosine ≥ {result.min_cosine:g}"
+    )
+    front = result.size_front if result.objective == "size" else result.latency_front
+    headers = ["", "passes", "options", "cosine", "snr_db", "MB", "size", "latency"]
+    original = ["original", "-", "-", "1", "inf", f"{result.original_bytes / 1e6:.2f}", "1×", "1×"]
+    click.echo(f"front (accuracy vs {result.objective}):")
+    rows = [[cell.replace("**", "") for cell in row] for row in front_rows(result, front)]
+    click.echo(_table(headers, [original, *rows]))
+    click.echo(("tune: " if result.passed else "tune: FAILED: ") + result.message)
+    for name in ("best", "recipe", "front_md", "front_json", "front_png"):
+        if name in result.files:
+            click.echo(f"  {name.replace('_', '.'):<10} {result.files[name]}")
 
 
 @cli.command("passes")
