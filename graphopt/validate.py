@@ -41,6 +41,8 @@ from graphopt.ort import make_session, node_placement
 logger = logging.getLogger(__name__)
 
 _MEDIAN_SAMPLE_LIMIT = 200_000
+_METRIC_CHUNK = 1 << 22
+"""Elements compared at a time, so float64 temporaries stay small on large outputs."""
 _LOGIT_WORDS = ("logit", "score", "prob", "class", "pred")
 _NEAR_ZERO = 1e-12
 
@@ -189,8 +191,17 @@ class MetricAccumulator:
             result.elements += reference.size
             result.not_close += 0 if equal else reference.size
             return
-        ref = reference.astype(np.float64).ravel()
-        cand = candidate.astype(np.float64).ravel()
+        flat_ref, flat_cand = reference.reshape(-1), candidate.reshape(-1)
+        for start in range(0, flat_ref.size, _METRIC_CHUNK):  # small float64 copies
+            stop = start + _METRIC_CHUNK
+            self._add_values(flat_ref[start:stop], flat_cand[start:stop])
+        if self.logit_like and reference.ndim >= 2 and reference.shape[-1] >= 2:
+            self._topk(reference, candidate)
+
+    def _add_values(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        result = self.result
+        ref = reference.astype(np.float64)
+        cand = candidate.astype(np.float64)
         result.elements += ref.size
         result.nan_reference += int(np.isnan(ref).sum())
         result.nan_candidate += int(np.isnan(cand).sum())
@@ -212,8 +223,6 @@ class MetricAccumulator:
         mismatched_nonfinite = ~finite & ~((np.isnan(ref) & np.isnan(cand)) | (ref == cand))
         result.not_close += int(mismatched_nonfinite.sum())
         self._sample_abs(diff)
-        if self.logit_like and reference.ndim >= 2 and reference.shape[-1] >= 2:
-            self._topk(reference, candidate)
 
     def _sample_abs(self, diff: np.ndarray) -> None:
         room = _MEDIAN_SAMPLE_LIMIT - self.sampled

@@ -274,3 +274,26 @@ def test_cli_leaves_the_callers_logging_as_it_was(capsys: pytest.CaptureFixture[
     assert run_cli(["-v", "passes"], capsys)[0] == 0
     assert [(list(item.handlers), item.level, item.propagate) for item in loggers] == before
     assert G_LOGGER.severity == severity
+
+
+def test_sigterm_unwinds_like_ctrl_c(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM (CI timeout, kill) unwinds, so temporary files are cleaned up; the handler
+    is put back afterwards."""
+    import os
+    import signal
+    import time
+
+    import graphopt.cli as cli_module
+
+    def killed(args: list[str], debug: bool) -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            return 130
+        return 0
+
+    monkeypatch.setattr(cli_module, "_run", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli_module.main(["passes"]) == 130
+    assert signal.getsignal(signal.SIGTERM) is before
