@@ -153,7 +153,7 @@ def decompose(
     if gram is not None:
         whitening = whitening_factor(gram, damping)
         matrix = (whitening.T.astype(dtype) @ matrix).astype(dtype, copy=False)
-    total_energy = float(np.sum(matrix.astype(np.float64) ** 2))
+    total_energy = float(np.einsum("ij,ij->", matrix, matrix, dtype=np.float64))
     keep = max(1, min(keep, rows, cols))
     if min(rows, cols) >= RANDOMIZED_MIN_DIM and keep + OVERSAMPLE < min(rows, cols) // 2:
         left, values, right = _randomized_svd(matrix, keep, seed)
@@ -170,7 +170,10 @@ def factors(spectrum: Spectrum, rank: int, dtype: np.dtype) -> tuple[np.ndarray,
         raise ValueError(f"rank {rank} exceeds the {spectrum.computed} computed components")
     root = np.sqrt(spectrum.singular_values[:rank].astype(np.float64))
     first = spectrum.left[:, :rank].astype(np.float64) * root
-    second = root[:, None] * spectrum.right[:rank].astype(np.float64)
+    # B is the larger factor of a wide matrix: it stays in the spectrum's precision (float64
+    # up to 4M entries, rule 3), so a 2048 × 32000 head needs no float64 copies of it.
+    right = spectrum.right[:rank]
+    second = right * root[:, None].astype(right.dtype)
     if spectrum.whitening is not None:
         first = linalg.solve_triangular(
             spectrum.whitening, first, trans="T", lower=True, check_finite=False
@@ -181,8 +184,8 @@ def factors(spectrum: Spectrum, rank: int, dtype: np.dtype) -> tuple[np.ndarray,
     balance = np.ones(rank)
     balance[usable] = np.sqrt(second_peak[usable] / first_peak[usable])
     first *= balance
-    second /= balance[:, None]
-    return first.astype(dtype), second.astype(dtype)
+    second /= balance[:, None].astype(second.dtype)
+    return first.astype(dtype), second.astype(dtype, copy=False)
 
 
 def _randomized_svd(
