@@ -5,7 +5,7 @@
 Models: MiniLM (TorchScript and dynamo exports in ``models/build``; see models/README.md), the
 digits CNN, a small model with If and Loop (outer-scope reads in both), and a deep MLP of random
 weights over 2 GB stored as external data (generated in a temporary folder, deleted afterwards).
-Each converter runs in a fresh process, so its wall time and peak RSS (``ru_maxrss``) are its
+Each converter runs in a fresh process, so its wall time and peak RSS (``VmHWM``) are its
 own; all keep the graph's inputs and outputs float32. The result is loaded and run with ONNX
 Runtime on CPU and compared with the float32 model (cosine over every output row). Needs
 ``onnxconverter-common`` (in the ``models`` extra). Prints a markdown table and
@@ -17,12 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +28,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from tools.bench_common import fmt, markdown_table, run_worker
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "models" / "build"
@@ -90,32 +89,19 @@ def _convert(converter: str, source: Path, out: Path) -> None:
     _save(converted, out, external)
 
 
-def _worker(converter: str, source: Path, out: Path) -> None:
-    started = time.perf_counter()
-    _convert(converter, source, out)
-    seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    sys.stdout.write(json.dumps({"seconds": seconds, "peak_mib": peak}) + "\n")
+def _convert_worker(converter: str, source: str, out: str) -> None:
+    _convert(converter, Path(source), Path(out))
 
 
 def _run_worker(converter: str, source: Path, out: Path) -> dict[str, Any]:
-    command = [sys.executable, "-m", "tools.bench_fp16", "--worker", converter, str(source)]
-    try:
-        done = subprocess.run(
-            [*command, str(out)],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=WORKER_TIMEOUT_S,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {WORKER_TIMEOUT_S} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode or not lines:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": tail[:160]}
-    return json.loads(lines[-1])
+    result = run_worker(
+        "tools.bench_fp16:_convert_worker",
+        {"converter": converter, "source": str(source), "out": str(out)},
+        timeout_s=WORKER_TIMEOUT_S,
+    )
+    if not result.ok:
+        return {"error": result.error[:160]}
+    return {"seconds": result.seconds, "peak_mib": result.peak_rss_mib}
 
 
 # --- evaluation -------------------------------------------------------------------------------
@@ -307,36 +293,39 @@ def build_large_model(path: Path) -> list[dict[str, np.ndarray]]:
 # --- report -----------------------------------------------------------------------------------
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
-
-
 def markdown(rows: list[Row]) -> str:
-    lines = [
-        "| model | converter | valid (ORT CPU) | cosine min | Casts | time s | peak MiB "
-        "| size MiB |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        valid = "yes" if row.valid else f"**no**: {row.error}"
-        lines.append(
-            f"| {row.model} | {row.converter} | {valid} | {_fmt(row.cosine_min, '.6f')} | "
-            f"{_fmt(row.casts, 'd')} | {_fmt(row.seconds, '.2f')} | {_fmt(row.peak_mib, '.0f')} "
-            f"| {_fmt(row.size_mib, '.1f')} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(
+        [
+            "model",
+            "converter",
+            "valid (ORT CPU)",
+            "cosine min",
+            "Casts",
+            "time s",
+            "peak MiB",
+            "size MiB",
+        ],
+        [
+            [
+                row.model,
+                row.converter,
+                "yes" if row.valid else f"**no**: {row.error}",
+                fmt(row.cosine_min, ".6f"),
+                fmt(row.casts, "d"),
+                fmt(row.seconds, ".2f"),
+                fmt(row.peak_mib, ".0f"),
+                fmt(row.size_mib, ".1f"),
+            ]
+            for row in rows
+        ],
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=BUILD / "bench_fp16")
     parser.add_argument("--skip-large", action="store_true", help="skip the > 2 GB model")
-    parser.add_argument("--worker", nargs=3, metavar=("CONVERTER", "SOURCE", "OUT"))
     args = parser.parse_args(argv)
-    if args.worker:
-        converter, source, out = args.worker
-        _worker(converter, Path(source), Path(out))
-        return
     args.out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bench-fp16-") as folder:

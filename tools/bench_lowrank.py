@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +32,13 @@ from onnx import TensorProto, helper, numpy_helper
 from graphopt.latency import measure_latency
 from graphopt.pipeline import optimize
 from graphopt.svd import break_even_rank, decompose, factors, rank_for_ratio
-from tools.bench_quant import BATCH, embedding_metrics, model_embeddings
+from tools.bench_common import (
+    BATCH,
+    embedding_metrics,
+    machine_summary,
+    markdown_table,
+    model_embeddings,
+)
 
 
 @dataclass
@@ -198,37 +202,67 @@ def markdown(
         "",
         "## MiniLM: 256 held-out sentences, 128 tokens, batch 8",
         "",
-        "| variant | calibration | cosine mean | cosine min | NN agreement | MatMul params "
-        "| latency vs fp32 | pass s |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| fp32 | - | 1.0000 | 1.0000 | 1.000 | {dense_params / 1e6:.2f} M | 1.00× | - |",
-    ]
-    for row in minilm:
-        lines.append(
-            f"| {row.variant} | {row.calibration} | {row.accuracy['cosine_mean']:.4f} | "
-            f"{row.accuracy['cosine_min']:.4f} | {row.accuracy['nn_agreement']:.3f} | "
-            f"{row.matmul_params / 1e6:.2f} M | {row.latency_ratio:.2f}× | "
-            f"{row.pass_seconds:.1f} |"
-        )
-    lines += [
+        markdown_table(
+            [
+                "variant",
+                "calibration",
+                "cosine mean",
+                "cosine min",
+                "NN agreement",
+                "MatMul params",
+                "latency vs fp32",
+                "pass s",
+            ],
+            [
+                [
+                    "fp32",
+                    "-",
+                    "1.0000",
+                    "1.0000",
+                    "1.000",
+                    f"{dense_params / 1e6:.2f} M",
+                    "1.00×",
+                    "-",
+                ]
+            ]
+            + [
+                [
+                    row.variant,
+                    row.calibration,
+                    f"{row.accuracy['cosine_mean']:.4f}",
+                    f"{row.accuracy['cosine_min']:.4f}",
+                    f"{row.accuracy['nn_agreement']:.3f}",
+                    f"{row.matmul_params / 1e6:.2f} M",
+                    f"{row.latency_ratio:.2f}×",
+                    f"{row.pass_seconds:.1f}",
+                ]
+                for row in minilm
+            ],
+        ),
         "",
         "## One MatMul split in two: latency of the split over the dense product",
         "",
-        "| matrix | tokens | rank | rank / break-even | latency vs dense |",
-        "|---|---|---|---|---|",
+        markdown_table(
+            ["matrix", "tokens", "rank", "rank / break-even", "latency vs dense"],
+            [
+                [
+                    split.shape,
+                    split.tokens,
+                    split.rank,
+                    f"{split.rank_over_break_even:.2f}",
+                    f"{split.latency_ratio:.2f}×",
+                ]
+                for split in splits
+            ],
+        ),
+        "",
+        "## Factorization time (plain SVD)",
+        "",
+        markdown_table(
+            ["matrix", "ratio", "rank", "seconds"],
+            [[t["shape"], t["ratio"], t["rank"], f"{t['seconds']:.1f}"] for t in timings],
+        ),
     ]
-    for split in splits:
-        lines.append(
-            f"| {split.shape} | {split.tokens} | {split.rank} | "
-            f"{split.rank_over_break_even:.2f} | {split.latency_ratio:.2f}× |"
-        )
-    lines += ["", "## Factorization time (plain SVD)", "", "| matrix | ratio | rank | seconds |"]
-    lines.append("|---|---|---|---|")
-    for timing in timings:
-        lines.append(
-            f"| {timing['shape']} | {timing['ratio']} | {timing['rank']} | "
-            f"{timing['seconds']:.1f} |"
-        )
     return "\n".join(lines) + "\n"
 
 
@@ -246,8 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     splits = split_rows(args.runs, args.quick)
     timings = factor_timings(args.quick)
     setup = {
-        "machine": f"{platform.processor() or platform.machine()}, "
-        f"{multiprocessing.cpu_count()} cores",
+        "machine": machine_summary(),
         "onnxruntime": ort.__version__,
     }
     text = markdown(minilm, dense_params, splits, timings, setup)

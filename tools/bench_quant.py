@@ -15,9 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import platform
-import resource
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,9 +25,19 @@ import onnxruntime as ort
 
 from graphopt.latency import measure_latency
 from graphopt.model import model_file_bytes
-from graphopt.ort import make_session
+from tools.bench_common import (
+    BATCH,
+    FeedReader,
+    classifier_metrics,
+    embedding_metrics,
+    machine_summary,
+    markdown_table,
+    model_embeddings,
+    peak_rss_mib,
+    run_worker,
+)
 
-BATCH = 8
+__all__ = ["BATCH", "classifier_metrics", "embedding_metrics", "model_embeddings", "peak_rss_mib"]
 
 
 @dataclass
@@ -44,40 +51,7 @@ class Row:
     peak_rss_mb: float
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident set (VmHWM), in MiB.
-
-    Not ``ru_maxrss``: Linux carries that across fork + exec, so a spawned child would report
-    its parent's peak.
-    """
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-# --- quantizers, each run in a child process -------------------------------------------------
-
-
-class _NpzReader:
-    """ONNX Runtime CalibrationDataReader over an .npz (one array per input, axis 0 = samples)."""
-
-    def __init__(self, path: str, batch: int) -> None:
-        arrays = dict(np.load(path))
-        count = len(next(iter(arrays.values())))
-        self.feeds = [
-            {k: v[i : i + batch] for k, v in arrays.items()} for i in range(0, count, batch)
-        ]
-        self.index = 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.index >= len(self.feeds):
-            return None
-        self.index += 1
-        return self.feeds[self.index - 1]
-
-    def rewind(self) -> None:
-        self.index = 0
+# --- quantizers, each run in a fresh process (tools.bench_common.run_worker) ----------------
 
 
 def _graphopt(source: str, target: str, calib: str, options: dict[str, Any]) -> None:
@@ -96,9 +70,15 @@ def _ort_dynamic(source: str, target: str, calib: str, options: dict[str, Any]) 
 
 
 def _ort_static(source: str, target: str, calib: str, options: dict[str, Any]) -> None:
-    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantType, quantize_static
 
-    quantize_static(source, target, _NpzReader(calib, BATCH), **options)
+    enums = {
+        "calibrate_method": CalibrationMethod,
+        "activation_type": QuantType,
+        "weight_type": QuantType,
+    }  # options cross the process boundary as JSON: enum members travel by name
+    options = {k: enums[k][v] if k in enums else v for k, v in options.items()}
+    quantize_static(source, target, FeedReader(calib, BATCH), **options)
 
 
 QUANTIZERS: dict[str, Callable[[str, str, str, dict[str, Any]], None]] = {
@@ -108,68 +88,21 @@ QUANTIZERS: dict[str, Callable[[str, str, str, dict[str, Any]], None]] = {
 }
 
 
-def _child(
-    kind: str, source: str, target: str, calib: str, options: dict[str, Any], queue: Any
-) -> None:
-    started = time.perf_counter()
-    QUANTIZERS[kind](source, target, calib, options)
-    seconds = time.perf_counter() - started
-    queue.put((seconds, peak_rss_mib()))
-
-
 def run_isolated(
     kind: str, source: Path, target: Path, calib: Path, options: dict[str, Any]
 ) -> tuple[float, float]:
     """Quantize in a fresh process; returns (seconds, peak RSS MB)."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(
-        target=_child, args=(kind, str(source), str(target), str(calib), options, queue)
+    result = run_worker(
+        f"tools.bench_quant:{QUANTIZERS[kind].__name__}",
+        {"source": str(source), "target": str(target), "calib": str(calib), "options": options},
     )
-    process.start()
-    result = queue.get()
-    process.join()
-    if process.exitcode:
-        raise RuntimeError(f"{kind} failed with exit code {process.exitcode}")
-    return result
+    if not result.ok:
+        raise RuntimeError(f"{kind} failed: {result.error}")
+    assert result.seconds is not None and result.peak_rss_mib is not None
+    return result.seconds, result.peak_rss_mib
 
 
 # --- evaluation ---------------------------------------------------------------------------
-
-
-def model_embeddings(model: Path, data: dict[str, np.ndarray]) -> np.ndarray:
-    session = make_session(model, optimize=True, spinning=False)
-    count = len(next(iter(data.values())))
-    rows = [
-        session.run(None, {k: v[i : i + BATCH] for k, v in data.items()})[0]
-        for i in range(0, count, BATCH)
-    ]
-    return np.concatenate(rows)
-
-
-def embedding_metrics(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-    ref = reference / np.linalg.norm(reference, axis=1, keepdims=True)
-    cand = candidate / np.linalg.norm(candidate, axis=1, keepdims=True)
-    cosine = (ref * cand).sum(axis=1)
-    ref_sim, cand_sim = ref @ ref.T, cand @ cand.T
-    np.fill_diagonal(ref_sim, -np.inf)
-    np.fill_diagonal(cand_sim, -np.inf)
-    agreement = float((ref_sim.argmax(axis=1) == cand_sim.argmax(axis=1)).mean())
-    return {
-        "cosine_mean": float(cosine.mean()),
-        "cosine_min": float(cosine.min()),
-        "nn_agreement": agreement,
-    }
-
-
-def classifier_metrics(
-    reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray
-) -> dict[str, float]:
-    return {
-        "accuracy": float((candidate.argmax(1) == labels).mean()),
-        "fp32_accuracy": float((reference.argmax(1) == labels).mean()),
-        "top1_agreement": float((candidate.argmax(1) == reference.argmax(1)).mean()),
-    }
 
 
 def evaluate(
@@ -222,7 +155,7 @@ def evaluate(
 # --- calibration memory --------------------------------------------------------------------
 
 
-def _calibration_child(source: str, calib: str, calibrator: str, queue: Any) -> None:
+def _calibration_child(source: str, calib: str, calibrator: str) -> dict[str, float]:
     """Load, normalize, then calibrate and quantize (no accuracy loop): the pass's own peak."""
     from graphopt.data import input_specs, open_data
     from graphopt.normalize import load_normalized
@@ -233,19 +166,17 @@ def _calibration_child(source: str, calib: str, calibrator: str, queue: Any) -> 
     feeds = open_data(calib, input_specs(model.graph), batch_size=BATCH)
     before = peak_rss_mib()
     QuantPass({"calibrator": calibrator, "target_cosine": 0.0})(model, PassContext(data=feeds))
-    queue.put((before, peak_rss_mib()))
+    return {"before": before, "peak": peak_rss_mib()}
 
 
 def calibration_memory(source: Path, calib: Path, calibrator: str) -> tuple[float, float]:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(
-        target=_calibration_child, args=(str(source), str(calib), calibrator, queue)
+    result = run_worker(
+        "tools.bench_quant:_calibration_child",
+        {"source": str(source), "calib": str(calib), "calibrator": calibrator},
     )
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
+    if not result.ok:
+        raise RuntimeError(f"calibration with {calibrator} failed: {result.error}")
+    return result.info["before"], result.info["peak"]
 
 
 # --- report -------------------------------------------------------------------------------
@@ -259,27 +190,32 @@ def markdown(rows: list[Row], memory: list[dict[str, Any]], setup: dict[str, Any
         f"{setup['threads']} threads; batch {BATCH}, MiniLM sequence length {setup['seq_len']}.",
         "Latency: median of interleaved runs against fp32 (speedup = fp32 / candidate).",
         "",
-        "| model | variant | accuracy | speedup | size MB | quantize s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        accuracy = ", ".join(f"{k} {v:.4f}" for k, v in row.accuracy.items())
-        lines.append(
-            f"| {row.model} | {row.variant} | {accuracy} | {1 / row.latency_ratio:.2f}× | "
-            f"{row.size_mb:.1f} | {row.quantize_s:.1f} | {row.peak_rss_mb:.0f} |"
-        )
-    lines += [
+        markdown_table(
+            ["model", "variant", "accuracy", "speedup", "size MB", "quantize s", "peak RSS MB"],
+            [
+                [
+                    row.model,
+                    row.variant,
+                    ", ".join(f"{k} {v:.4f}" for k, v in row.accuracy.items()),
+                    f"{1 / row.latency_ratio:.2f}×",
+                    f"{row.size_mb:.1f}",
+                    f"{row.quantize_s:.1f}",
+                    f"{row.peak_rss_mb:.0f}",
+                ]
+                for row in rows
+            ],
+        ),
         "",
         "graphopt calibration + quantization peak RSS (MiniLM, whole process, MiB):",
         "",
-        "| calibrator | samples | RSS before MB | peak MB |",
-        "|---|---|---|---|",
+        markdown_table(
+            ["calibrator", "samples", "RSS before MB", "peak MB"],
+            [
+                [e["calibrator"], e["samples"], f"{e['before_mb']:.0f}", f"{e['peak_mb']:.0f}"]
+                for e in memory
+            ],
+        ),
     ]
-    for entry in memory:
-        lines.append(
-            f"| {entry['calibrator']} | {entry['samples']} | {entry['before_mb']:.0f} | "
-            f"{entry['peak_mb']:.0f} |"
-        )
     return "\n".join(lines) + "\n"
 
 
@@ -304,8 +240,6 @@ def main(argv: list[str] | None = None) -> None:
     evaluation = dict(
         np.load(make_minilm_evaluation(folder / "minilm_eval.npz", args.eval_samples, args.seq_len))
     )
-    from onnxruntime.quantization import CalibrationMethod, QuantType
-
     minilm_variants: dict[str, tuple[str, dict[str, Any]]] = {
         "graphopt default": ("graphopt", {}),
         "graphopt smooth_outliers": ("graphopt", {"smooth_outliers": True}),
@@ -318,9 +252,9 @@ def main(argv: list[str] | None = None) -> None:
             {
                 "op_types_to_quantize": ["MatMul"],
                 "per_channel": True,
-                "calibrate_method": CalibrationMethod.MinMax,
-                "activation_type": QuantType.QUInt8,
-                "weight_type": QuantType.QInt8,
+                "calibrate_method": "MinMax",
+                "activation_type": "QUInt8",
+                "weight_type": "QInt8",
                 "extra_options": {
                     "MatMulConstBOnly": True,
                     "OpTypesToExcludeOutputQuantization": ["MatMul"],
@@ -373,8 +307,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 print(f"  calibration {calibrator} {samples} samples: peak {peak:.0f} MB")
     setup = {
-        "machine": f"{platform.processor() or platform.machine()}, "
-        f"{multiprocessing.cpu_count()} cores",
+        "machine": machine_summary(),
         "onnxruntime": ort.__version__,
         "threads": multiprocessing.cpu_count(),
         "seq_len": args.seq_len,

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
-import platform
 import time
 import zlib
 from dataclasses import asdict, dataclass
@@ -35,9 +33,15 @@ from graphopt.model import save_model
 from graphopt.normalize import load_normalized
 from graphopt.pass_api import PassContext
 from passes.sparsify import SparsifyPass
-from tools.bench_quant import embedding_metrics, model_embeddings
+from tools.bench_common import (
+    BATCH,
+    embedding_metrics,
+    fmt,
+    machine_summary,
+    markdown_table,
+    model_embeddings,
+)
 
-BATCH = 8
 UNPADDED = "512 unpadded"
 """Label of the second calibration set: 512 unpadded documentation sentences."""
 
@@ -118,16 +122,30 @@ def markdown(rows: list[Row], setup: dict[str, Any]) -> str:
         "unstructured and 2:4 zeros give no speedup on ONNX Runtime CPU/CUDA (2:4 pays only "
         "on TensorRT with Ampere+).",
         "",
-        "| variant | cosine mean / min | weight sparsity | gzip MB | params M | latency | pass s |",
-        "|---|---|---|---|---|---|---|",
+        markdown_table(
+            [
+                "variant",
+                "cosine mean / min",
+                "weight sparsity",
+                "gzip MB",
+                "params M",
+                "latency",
+                "pass s",
+            ],
+            [
+                [
+                    row.variant,
+                    f"{row.cosine_mean:.4f} / {row.cosine_min:.4f}",
+                    f"{row.sparsity:.3f}",
+                    f"{row.gzip_mb:.1f}",
+                    f"{row.parameters_m:.2f}",
+                    fmt(row.latency_ratio, ".2f", "n/a") + ("×" if row.latency_ratio else ""),
+                    f"{row.pass_s:.1f}",
+                ]
+                for row in rows
+            ],
+        ),
     ]
-    for row in rows:
-        latency = f"{row.latency_ratio:.2f}×" if row.latency_ratio is not None else "n/a"
-        lines.append(
-            f"| {row.variant} | {row.cosine_mean:.4f} / {row.cosine_min:.4f} | "
-            f"{row.sparsity:.3f} | {row.gzip_mb:.1f} | {row.parameters_m:.2f} | {latency} | "
-            f"{row.pass_s:.1f} |"
-        )
     return "\n".join(lines) + "\n"
 
 
@@ -179,8 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         print(f"  {label:<28} cosine {row.cosine_mean:.4f} / {row.cosine_min:.4f}", flush=True)
     setup = {
-        "machine": f"{platform.processor() or platform.machine()}, "
-        f"{multiprocessing.cpu_count()} cores",
+        "machine": machine_summary(),
         "onnxruntime": ort.__version__,
         "calib": str(args.calib),
     }
