@@ -179,6 +179,8 @@ def scale_markdown(rows: list[ScaleRow]) -> str:
         "output GB",
         "notes",
     ]
+    steps = list(dict.fromkeys(row.step for row in rows))
+    ordered = sorted(rows, key=lambda row: (steps.index(row.step), row.size_gb))  # by step
     cells = [
         [
             row.step,
@@ -194,10 +196,9 @@ def scale_markdown(rows: list[ScaleRow]) -> str:
             + ("; " if row.error and row.note else "")
             + row.note,
         ]
-        for row in rows
+        for row in ordered
     ]
     sizes = sorted({row.size_gb for row in rows})
-    steps = list(dict.fromkeys(row.step for row in rows))
     linear = []
     for step in steps:
         per_gb = {row.size_gb: row.seconds_per_gb for row in rows if row.step == step}
@@ -209,6 +210,7 @@ def scale_markdown(rows: list[ScaleRow]) -> str:
     )
     return (
         "## Scale: the large decoder at several sizes\n\n"
+        f"{scale_summary(rows)}\n\n"
         "Each step runs in a fresh process on the generated decoder (external data): the passes "
         "as `graphopt optimize MODEL OUT --passes P --calib-data calib.npz --no-validate`, "
         "`check` as `graphopt check MODEL QUANT_OUT --data calib.npz`. Peak RSS is the process's "
@@ -219,6 +221,21 @@ def scale_markdown(rows: list[ScaleRow]) -> str:
         "max / min near 1).\n\n"
         f"{linear_table}\n"
     )
+
+
+def scale_summary(rows: list[ScaleRow]) -> str:
+    """One sentence: at the largest size, which graphopt steps meet the memory target."""
+    largest = max(row.size_gb for row in rows)
+    ours = [r for r in rows if r.size_gb == largest and r.tool.startswith(GRAPHOPT)]
+    if not ours:
+        return f"Largest size measured: {largest:.2f} GB."
+    met = [r.step for r in ours if r.meets_target]
+    missed = [r.step for r in ours if not r.meets_target]
+    text = (
+        f"At the largest size ({largest:.2f} GB), {len(met)} of {len(ours)} graphopt steps "
+        f"stay within {PEAK_TARGET}× the model's size"
+    )
+    return text + (f"; over it: {', '.join(missed)}." if missed else ".")
 
 
 def markdown(report: Report, plot_name: str | None = "benchmarks.png") -> str:

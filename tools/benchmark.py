@@ -47,6 +47,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -66,8 +67,18 @@ from tools.bench_common import (
     model_outputs,
     run_worker,
     session_outputs,
+    write_json,
 )
-from tools.bench_report import GRAPHOPT, REFERENCE, Metric, Report, Row, ScaleRow, Section
+from tools.bench_report import (
+    GRAPHOPT,
+    REFERENCE,
+    Metric,
+    Report,
+    Row,
+    ScaleRow,
+    Section,
+    to_dict,
+)
 from tools.bench_report import write_all as write_reports
 
 DEFAULT_OUT = REPO / "models" / "build" / "benchmark"
@@ -580,9 +591,17 @@ def _scale_step(
 
 
 def run_scale(
-    sizes: list[float], steps: list[str], folder: Path, logs: Path, settings: Settings
+    sizes: list[float],
+    steps: list[str],
+    folder: Path,
+    logs: Path,
+    settings: Settings,
+    checkpoint: Callable[[list[ScaleRow]], None] = lambda rows: None,
 ) -> list[ScaleRow]:
-    """Every pass, ``check`` and two anchors on the decoder at each size (module docstring)."""
+    """Every pass, ``check`` and two anchors on the decoder at each size (module docstring).
+
+    ``checkpoint`` gets the rows so far after each size (the caller saves them).
+    """
     from graphopt.model import model_file_bytes
 
     width = settings.large_width or decoder_width(min(sizes), min_blocks=2)
@@ -635,6 +654,7 @@ def run_scale(
                     check.note = "criteria PASSED" if code == 0 else "criteria FAILED (exit 1)"
                 rows.append(check)
             _remove_model(out)
+        checkpoint(rows)
     return rows
 
 
@@ -696,9 +716,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop(signum: int, _frame: object) -> None:
+    """SIGTERM: unwind like Ctrl-C, so the running worker is killed rather than orphaned."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
     settings = Settings.from_args(args)
     models = _parse_models(args.models)
     sizes = _parse_sizes(args.scale)
@@ -726,12 +752,19 @@ def main(argv: list[str] | None = None) -> int:
         "cnn": lambda: cnn_case(folder, settings),
         "large": lambda: large_case(folder, settings, logs),
     }
+    partial = folder / "benchmarks.partial.json"  # what is done so far, if a run is cut short
     for name in models:
         case = cases[name]()
         print(f"== {case.name}", flush=True)
         report.sections.append(measure_case(case, candidates, settings, folder, logs))
+        write_json(partial, to_dict(report))
+
+    def save_scale(rows: list[ScaleRow]) -> None:
+        report.scale = rows
+        write_json(partial, to_dict(report))
+
     if sizes:
-        report.scale = run_scale(sizes, steps, folder, logs, settings)
+        report.scale = run_scale(sizes, steps, folder, logs, settings, save_scale)
     if not olive:
         reason = (
             "skipped with --no-olive"
