@@ -173,6 +173,9 @@ def weight_values(constant: gs.Constant) -> np.ndarray:
 def set_weight(model: Model, constant: gs.Constant, array: np.ndarray) -> None:
     """Give ``constant`` new values, spilled to disk when large (rule 6)."""
     constant._values = model.spill.values(array, constant.name)
+    # Imported external tensors carry data_location=EXTERNAL, which graphsurgeon copies onto
+    # the exported proto; new in-memory values are plain data (spilled ones are lazy protos).
+    constant.data_location = None
 
 
 _NATIVE_NUMPY_TYPES = frozenset(

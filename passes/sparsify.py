@@ -804,6 +804,7 @@ class SparsifyPass(Pass):
                 runs += 1
             for job, values in pending:
                 job.weight.values = values
+                job.weight.data_location = None  # see graphopt.model.set_weight
         logger.debug("sparsify: %d calibration runs", runs)
         logger.info(
             "sparsify: %d weights sparsified with %s in %d stages",

@@ -198,3 +198,18 @@ def test_validation_holds_one_session_at_a_time(
     report = compare_models(reference, reference, _feeds(64))
     assert report.passed
     assert all(c.cosine == pytest.approx(1.0) for c in report.comparisons)
+
+
+@pytest.mark.parametrize("pattern", ["channel", "unstructured"])
+def test_sparsify_rewrites_small_external_weights_validly(tmp_path: Path, pattern: str) -> None:
+    """Weights under the spill threshold replaced in an external-data model must not keep
+    their EXTERNAL data location (the saved model would be invalid)."""
+    source = _save_external(_deep_mlp(2, 64), tmp_path / "m.onnx")
+    x = np.random.default_rng(3).standard_normal((16, 64)).astype(np.float32)
+    data = [{"x": x[start : start + 8]} for start in range(0, 16, 8)]
+    out = tmp_path / "out.onnx"
+    options = {"sparsify": {"pattern": pattern, "sparsity": 0.25}}
+    report = optimize(source, out, ["sparsify"], options=options, data=data, validate=False)
+    assert report.plan
+    onnx.checker.check_model(str(out), full_check=True)
+    run_ort(out, {"x": x[:2]})
