@@ -125,10 +125,15 @@ def machine_summary(info: Mapping[str, Any] | None = None) -> str:
     flags = ", ".join(info["cpu_flags"]) or "no AVX2"
     ram = f", {info['ram_gib']:.0f} GiB RAM" if info.get("ram_gib") else ""
     versions = info["versions"]
+    extra = "".join(
+        f", {name} {versions[name]}"
+        for name in ("onnxconverter-common", "olive-ai")
+        if versions.get(name)
+    )
     return (
         f"{info['cpu']} ({flags}), {info['usable_cores']} cores{ram}; "
         f"onnxruntime {versions['onnxruntime']}, onnx {versions['onnx']}, "
-        f"numpy {versions['numpy']}"
+        f"numpy {versions['numpy']}{extra}"
     )
 
 

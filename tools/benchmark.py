@@ -326,24 +326,17 @@ def cnn_case(folder: Path, settings: Settings) -> ModelCase:
             f"{settings.cnn_calib} training images. Evaluation: the {len(y_test)} labelled "
             "test images: top-1 accuracy and top-1 agreement with float32. Latency: all test "
             f"images in one batch, {10 * settings.latency_runs} runs each (a run takes well "
-            "under a millisecond). "
-            "Its layers are too small for int8 to pay on a CPU, so graphopt's `quant` keeps "
-            "them float by default (`min_macs`)."
+            "under a millisecond)."
         ),
     )
 
 
-def _layers(gigabytes: float, width: int) -> float:
-    from models.large_decoder import DecoderShape
-
-    base = DecoderShape(layers=0, width=width, heads=max(1, width // 128))
-    return (gigabytes * 1e9 - base.parameters() * 4) / (base.block_parameters() * 4)
-
-
 def decoder_width(gigabytes: float, min_blocks: int) -> int:
     """The widest decoder that still has ``min_blocks`` blocks at ``gigabytes``."""
+    from models.large_decoder import shape_for_size
+
     for width in DECODER_WIDTHS:
-        if round(_layers(gigabytes, width)) >= min_blocks:
+        if shape_for_size(gigabytes, width).layers >= min_blocks:
             return width
     return DECODER_WIDTHS[-1]
 
@@ -351,7 +344,7 @@ def decoder_width(gigabytes: float, min_blocks: int) -> int:
 def generate_decoder(
     folder: Path, gigabytes: float, width: int, samples: int, logs: Path
 ) -> tuple[Path, Path]:
-    """The decoder (and an 8-sample calibration .npz) at this size, generated once and kept."""
+    """The decoder and a ``samples``-sequence calibration .npz at this size, generated once."""
     model_dir = folder / f"decoder_{gigabytes:g}gb_w{width}"
     model, calib = model_dir / "decoder.onnx", model_dir / "calib.npz"
     if model.exists() and calib.exists():
@@ -685,7 +678,9 @@ def _parse_models(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m tools.benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help="work folder")
     parser.add_argument(
@@ -773,11 +768,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         report.notes.append(
             f"Olive: {reason}. When `olive` is importable, the command adds Olive's "
-            "`OnnxDynamicQuantization` and `OnnxFloatToFloat16` (`olive run-pass`, defaults, "
-            "offline) as anchors."
+            "`OnnxDynamicQuantization` (defaults) and `OnnxFloatToFloat16` (`keep_io_types`, "
+            "like the other converters) as anchors, through `olive run-pass`, offline."
         )
     report.seconds = time.perf_counter() - started
     paths = write_reports(report, args.report_dir.resolve())
+    partial.unlink(missing_ok=True)
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
     print(f"total {report.seconds / 60:.1f} min")
