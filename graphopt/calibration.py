@@ -313,7 +313,7 @@ def _samples_per_run(
         return 1 << 30
     one = {name: np.asarray(value)[:1] for name, value in feed.items()}
     try:
-        sample_bytes = sum(np.asarray(v).nbytes for v in session.run(names, one))  # type: ignore[attr-defined]
+        sample_bytes = sum(np.asarray(v).nbytes for v in session.run(names, one))
     except Exception:
         logger.debug("calibration: cannot run a single sample; batches are not split")
         return 1 << 30

@@ -133,7 +133,6 @@ class WeightSpill:
     def __init__(self, near: Path | None = None) -> None:
         self.near = near
         self._folder: Path | None = None
-        self._base: Path | None = None
         self._count = 0
 
     def values(self, array: np.ndarray, name: str) -> np.ndarray | SpilledValues:
@@ -142,7 +141,7 @@ class WeightSpill:
         data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
         if array.nbytes < SPILL_MIN_BYTES or data_type not in _NATIVE_NUMPY_TYPES:
             return array
-        folder, base = self._ensure_folder()
+        folder = self._ensure_folder()
         self._count += 1
         path = folder / f"{self._count}.bin"
         with open(path, "wb") as handle:
@@ -150,16 +149,15 @@ class WeightSpill:
         proto = onnx.TensorProto(name=name, data_type=data_type)
         proto.dims.extend(array.shape)
         _point_to_external(proto, f"{folder.name}/{path.name}", 0, array.nbytes)
-        return SpilledValues(proto, base, self)
+        return SpilledValues(proto, folder.parent, self)
 
-    def _ensure_folder(self) -> tuple[Path, Path]:
-        if self._folder is None or self._base is None:
+    def _ensure_folder(self) -> Path:
+        if self._folder is None:
             near = self.near
             base = near if near is not None and os.access(near, os.W_OK) else None
-            folder = Path(tempfile.mkdtemp(prefix=".graphopt-spill-", dir=base))
-            weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
-            self._folder, self._base = folder, folder.parent
-        return self._folder, self._base
+            self._folder = Path(tempfile.mkdtemp(prefix=".graphopt-spill-", dir=base))
+            weakref.finalize(self, shutil.rmtree, self._folder, ignore_errors=True)
+        return self._folder
 
 
 def weight_values(constant: gs.Constant) -> np.ndarray:
@@ -172,7 +170,12 @@ def weight_values(constant: gs.Constant) -> np.ndarray:
 
 def set_weight(model: Model, constant: gs.Constant, array: np.ndarray) -> None:
     """Give ``constant`` new values, spilled to disk when large (rule 6)."""
-    constant._values = model.spill.values(array, constant.name)
+    replace_values(constant, model.spill.values(array, constant.name))
+
+
+def replace_values(constant: gs.Constant, values: np.ndarray | LazyValues) -> None:
+    """Give ``constant`` values computed earlier (e.g. by :meth:`WeightSpill.values`)."""
+    constant._values = values
     # Imported external tensors carry data_location=EXTERNAL, which graphsurgeon copies onto
     # the exported proto; new in-memory values are plain data (spilled ones are lazy protos).
     constant.data_location = None

@@ -31,7 +31,7 @@ from graphopt.calibration import (
 from graphopt.data import Feeds
 from graphopt.edit import replace_input
 from graphopt.errors import InputError, OptionError
-from graphopt.model import Model, set_weight, weight_values
+from graphopt.model import Model, replace_values, set_weight, weight_values
 from graphopt.options import Option
 from graphopt.pass_api import Budget, Pass, PassContext, PassResult
 from graphopt.qdq import Namer
@@ -803,8 +803,7 @@ class SparsifyPass(Pass):
                 del statistics
                 runs += 1
             for job, values in pending:
-                job.weight.values = values
-                job.weight.data_location = None  # see graphopt.model.set_weight
+                replace_values(job.weight, values)
         logger.debug("sparsify: %d calibration runs", runs)
         logger.info(
             "sparsify: %d weights sparsified with %s in %d stages",
