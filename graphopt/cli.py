@@ -35,7 +35,8 @@ from graphopt.ort import resolve_providers
 from graphopt.pipeline import OptimizeReport, optimize
 from graphopt.registry import available_pass_names, load_pass_class
 from graphopt.summary import summarize
-from graphopt.tune import TuneResult, front_rows, tune
+from graphopt.tune import TuneResult, tune
+from graphopt.tune_report import front_rows
 from graphopt.validate import Criteria, ValidationReport
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

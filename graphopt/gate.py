@@ -6,7 +6,8 @@ Rules:
    provider × criterion.
 2. ``max_size_ratio`` compares file sizes (model plus external data): candidate / reference.
 3. ``max_latency_ratio`` compares median CPU latency measured interleaved in one run
-   (:mod:`graphopt.latency`) on the first feed.
+   (:mod:`graphopt.latency`) on the first feed. Interleaving holds both sessions at once, so
+   this criterion needs memory for both models; the numerical comparison holds one.
 4. The gate passes when every check passes. JUnit XML has one test case per check, so CI systems
    show exactly which output, provider and criterion failed.
 """

