@@ -15,7 +15,18 @@ from pathlib import Path
 import pytest
 
 from tools.bench_common import markdown_table, run_worker
-from tools.bench_report import Metric, Report, Row, ScaleRow, Section, markdown, write_all
+from tools.bench_report import (
+    Metric,
+    Report,
+    Row,
+    ScaleRow,
+    Section,
+    from_dict,
+    main,
+    marginal_seconds_per_gb,
+    markdown,
+    write_all,
+)
 
 MACHINE = {
     "cpu": "Test CPU",
@@ -110,7 +121,28 @@ def test_scale_table_shows_target_and_linearity() -> None:
     assert "**fail**" in quant  # 2700 MiB is 3.0× of 0.93 GB
     assert "did not finish" in failed and "killed by SIGKILL" in failed
     linear = next(t for t in _tables(text) if "max / min" in t[0])
-    assert linear[2].startswith("| cleanup | 3.2 | 3.2 |")
+    assert linear[2].startswith("| cleanup | 3.2 | 3.2 | 1.02 | 3.1 |")  # (6.1 − 3) / 1 GB
+
+
+def test_marginal_seconds_per_gb_separates_the_fixed_cost() -> None:
+    # 10 s fixed + 20 s / GB: s / GB falls with size, Δs / ΔGB stays 20.
+    rows = [ScaleRow("lowrank", "graphopt optimize", g, g, seconds=10 + 20 * g) for g in (1, 2, 4)]
+    rows.append(ScaleRow("lowrank", "graphopt optimize", 8, 8, error="killed"))
+    margins = marginal_seconds_per_gb(rows, "lowrank")
+    assert margins == {(1, 2): pytest.approx(20.0), (2, 4): pytest.approx(20.0)}
+    linear = next(t for t in _tables(markdown(_report())) if "Δ max / min" in t[0])
+    assert "Δs / ΔGB 0.93→1.93" in linear[0]
+
+
+def test_report_renders_again_from_its_json(tmp_path: Path) -> None:
+    first = write_all(_report(), tmp_path / "first")
+    again = tmp_path / "again"
+    main([str(first["json"]), "--report-dir", str(again)])
+    assert (again / "BENCHMARKS.md").read_text() == first["markdown"].read_text()
+    reloaded = from_dict(json.loads(first["json"].read_text()))
+    assert reloaded.scale[0].seconds_per_gb == pytest.approx(3.0 / 0.93)
+    assert math.isnan(_report().sections[0].rows[5].metrics["cosine_mean"])
+    assert reloaded.sections[0].rows[5].metrics["cosine_mean"] is None
 
 
 def test_json_and_png_are_written(tmp_path: Path) -> None:

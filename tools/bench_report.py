@@ -6,6 +6,7 @@ Kept apart from the measuring code so the writers can be tested on made-up rows 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -199,14 +200,30 @@ def scale_markdown(rows: list[ScaleRow]) -> str:
         for row in ordered
     ]
     sizes = sorted({row.size_gb for row in rows})
+    steps_between = list(itertools.pairwise(sizes))
     linear = []
     for step in steps:
         per_gb = {row.size_gb: row.seconds_per_gb for row in rows if row.step == step}
         values = [v for v in per_gb.values() if v is not None]
-        spread = max(values) / min(values) if len(values) > 1 and min(values) > 0 else None
-        linear.append([step, *[fmt(per_gb.get(size), ".1f") for size in sizes], fmt(spread, ".2f")])
+        margins = marginal_seconds_per_gb(rows, step)
+        linear.append(
+            [
+                step,
+                *[fmt(per_gb.get(size), ".1f") for size in sizes],
+                fmt(_spread(values), ".2f"),
+                *[fmt(margins.get(pair), ".1f") for pair in steps_between],
+                fmt(_spread(list(margins.values())), ".2f"),
+            ]
+        )
     linear_table = markdown_table(
-        ["step", *[f"s / GB at {size:.2f} GB" for size in sizes], "max / min"], linear
+        [
+            "step",
+            *[f"s / GB at {size:.2f} GB" for size in sizes],
+            "max / min",
+            *[f"Δs / ΔGB {low:.2f}→{high:.2f}" for low, high in steps_between],
+            "Δ max / min",
+        ],
+        linear,
     )
     return (
         "## Scale: the large decoder at several sizes\n\n"
@@ -218,10 +235,30 @@ def scale_markdown(rows: list[ScaleRow]) -> str:
         "the process's fixed footprint — Python, ONNX Runtime, numpy — weighs on the ratio; "
         "the target is about the largest size). Outputs are deleted after each measurement.\n\n"
         f"{markdown_table(headers, cells)}\n\n"
-        "Linearity: seconds per GB of model at each size (equal values = time linear in size; "
-        "max / min near 1).\n\n"
+        "Linearity: seconds per GB of model at each size, and the extra seconds per extra GB "
+        "between consecutive sizes (Δs / ΔGB). A fixed cost (process start-up, the embedding "
+        "and LM head that every size has) makes s / GB fall with size; time is linear in size "
+        "when the Δs / ΔGB columns agree (Δ max / min near 1).\n\n"
         f"{linear_table}\n"
     )
+
+
+def marginal_seconds_per_gb(rows: list[ScaleRow], step: str) -> dict[tuple[float, float], float]:
+    """(Δ seconds) / (Δ GB) between consecutive sizes a step finished at, keyed by the sizes."""
+    timed = sorted(
+        (row.size_gb, row.seconds)
+        for row in rows
+        if row.step == step and row.seconds is not None and not row.error
+    )
+    return {
+        (low, high): (high_s - low_s) / (high - low)
+        for (low, low_s), (high, high_s) in itertools.pairwise(timed)
+        if high > low
+    }
+
+
+def _spread(values: list[float]) -> float | None:
+    return max(values) / min(values) if len(values) > 1 and min(values) > 0 else None
 
 
 def scale_summary(rows: list[ScaleRow]) -> str:
@@ -305,6 +342,34 @@ def to_dict(report: Report) -> dict[str, Any]:
             meets_target=row.meets_target,
         )
     return data
+
+
+def from_dict(data: dict[str, Any]) -> Report:
+    """The :class:`Report` that :func:`to_dict` wrote (derived fields are recomputed)."""
+    sections = [
+        Section(
+            name=raw["name"],
+            description=raw["description"],
+            metrics=[Metric(**metric) for metric in raw["metrics"]],
+            primary=raw["primary"],
+            rows=[Row(**{k: v for k, v in row.items() if k != "kind"}) for row in raw["rows"]],
+        )
+        for raw in data.get("sections", [])
+    ]
+    derived = {"peak_over_size", "seconds_per_gb", "meets_target"}
+    scale = [
+        ScaleRow(**{k: v for k, v in row.items() if k not in derived})
+        for row in data.get("scale", [])
+    ]
+    return Report(
+        command=data["command"],
+        machine=data["machine"],
+        settings=data.get("settings", {}),
+        sections=sections,
+        scale=scale,
+        notes=data.get("notes", []),
+        seconds=data.get("seconds"),
+    )
 
 
 # --- plot ------------------------------------------------------------------------------------
@@ -419,3 +484,22 @@ def write_all(report: Report, folder: Path, stem: str = "benchmarks") -> dict[st
     write_json(paths["json"], to_dict(report))
     paths["markdown"].write_text(markdown(report, paths["plot"].name))
     return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Render BENCHMARKS.md and the plot again from a ``benchmarks.json`` (no measuring)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("json_path", type=Path, help="benchmarks.json written by tools.benchmark")
+    parser.add_argument("--report-dir", type=Path, default=None, help="default: beside the JSON")
+    args = parser.parse_args(argv)
+    report = from_dict(json.loads(args.json_path.read_text()))
+    folder = args.report_dir or args.json_path.parent
+    for path in write_all(report, folder, args.json_path.stem).values():
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
