@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +104,7 @@ def occ_fp16(source: str, target: str, calib: str) -> dict[str, Any]:
     from onnxconverter_common.float16 import convert_float_to_float16
 
     del calib
-    external = uses_external_data(source)
-    converted = convert_float_to_float16(onnx.load(source), keep_io_types=True)
-    _save(converted, target, external)
-    return {}
+    return _fp16_anchor(convert_float_to_float16, source, target)
 
 
 def ort_transformers_fp16(source: str, target: str, calib: str) -> dict[str, Any]:
@@ -114,9 +112,15 @@ def ort_transformers_fp16(source: str, target: str, calib: str) -> dict[str, Any
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     del calib
+    return _fp16_anchor(convert_float_to_float16, source, target)
+
+
+def _fp16_anchor(
+    convert: Callable[..., onnx.ModelProto], source: str, target: str
+) -> dict[str, Any]:
+    """Load ``source`` whole, convert it with ``keep_io_types=True``, save it like the source."""
     external = uses_external_data(source)
-    converted = convert_float_to_float16(onnx.load(source), keep_io_types=True)
-    _save(converted, target, external)
+    _save(convert(onnx.load(source), keep_io_types=True), target, external)
     return {}
 
 
