@@ -6,7 +6,9 @@ Rules this module follows:
    reads them (:class:`ExternalValues` reads one tensor at a time, with the model's own folder
    as the base directory, and never rewrites the tensor proto it came from).
 2. Every way a file can be unusable is a :class:`~graphopt.errors.ModelLoadError` with one line:
-   missing, empty, not ONNX, truncated, unsupported IR version, missing or short external data.
+   missing, empty, not ONNX, truncated, unsupported IR version, missing or short external data,
+   or a graph that onnx's checker rejects (e.g. one tensor name produced by two nodes); the
+   checker's reason is the message.
 3. Saving writes temporary files beside the target and renames them into place, so a failed
    save leaves no partial file, and never writes over the input model or its external data.
 4. External data is used when the model came with it or when it would not fit in one protobuf
@@ -444,6 +446,7 @@ def load_model(path: str | os.PathLike[str]) -> Model:
     _check_header(proto, model_path)
     base_dir = model_path.parent
     external = _check_external_data(proto, base_dir, model_path)
+    check_valid(model_path, model_path)
     graph = _import_graph(proto, model_path)
     _attach_external_values(graph, base_dir)
     shell = _shell_of(proto)
@@ -460,6 +463,8 @@ def load_model(path: str | os.PathLike[str]) -> Model:
 def model_from_proto(proto: onnx.ModelProto, base_dir: Path | None = None) -> Model:
     """Wrap an in-memory ModelProto (tests, the Python API). External data resolves in base_dir."""
     _check_header(proto, Path("<in-memory model>"))
+    if base_dir is None:
+        check_valid(proto, Path("<in-memory model>"))
     graph = _import_graph(proto, Path("<in-memory model>"))
     external = 0
     if base_dir is not None:
@@ -505,6 +510,15 @@ def _check_header(proto: onnx.ModelProto, path: Path) -> None:
         raise ModelLoadError(
             f"{path}: IR version {proto.ir_version} is not supported (minimum {MIN_IR_VERSION})"
         )
+
+
+def check_valid(source: Path | onnx.ModelProto, label: Path) -> None:
+    """Rule 2: onnx's checker on the file (a path: works for > 2 GB and external data)."""
+    try:
+        onnx.checker.check_model(str(source) if isinstance(source, Path) else source)
+    except (onnx.checker.ValidationError, ValueError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else "checker failed"
+        raise ModelLoadError(f"{label}: invalid ONNX model: {detail}") from error
 
 
 def _all_tensor_protos(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:

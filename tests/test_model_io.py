@@ -93,6 +93,39 @@ def test_load_rejects_short_external_data(tmp_path: Path) -> None:
         load_model(path)
 
 
+def test_load_rejects_a_tensor_produced_twice(tmp_path: Path) -> None:
+    """Issue 15.6: a dynamo export whose output name collided with an internal name produced
+    one tensor from two nodes; graphsurgeon then failed later with 'Cycle detected'."""
+    nodes = [
+        helper.make_node("Relu", ["x"], ["y"], name="first"),
+        helper.make_node("Neg", ["y"], ["y"], name="second"),
+    ]
+    path = tmp_path / "twice.onnx"
+    onnx.save(make_model(nodes, [float_input("x", [2])], [float_input("y", [2])]), str(path))
+    with pytest.raises(ModelLoadError, match="invalid ONNX model: .*'y'"):
+        load_model(path)
+
+
+def test_cli_reports_an_invalid_model_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from .conftest import run_cli
+
+    nodes = [
+        helper.make_node("Relu", ["x"], ["y"], name="first"),
+        helper.make_node("Neg", ["y"], ["y"], name="second"),
+    ]
+    path = tmp_path / "twice.onnx"
+    onnx.save(make_model(nodes, [float_input("x", [2])], [float_input("y", [2])]), str(path))
+    code, _out, err = run_cli(
+        ["optimize", str(path), str(tmp_path / "out.onnx"), "--passes", "cleanup"], capsys
+    )
+    assert code == 2
+    assert err.count("\n") == 1 and "single static assignment" in err
+    assert "internal error" not in err and "Traceback" not in err
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_external_weights_stay_lazy_and_round_trip(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
