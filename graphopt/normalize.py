@@ -15,6 +15,13 @@ Exporters disagree about where weights live. Rules, applied in this order:
    grow the model by more than ``max_growth_bytes`` is left alone and logged.
 5. Shape and type inference annotates every tensor it can; incomplete symbolic inference (dynamic
    axes) is fine and logged, never fatal.
+6. Every node, in the main graph and in every subgraph body, has a unique name: the one node
+   that identity is, for every pass, report, ``include``/``exclude`` glob and bisection scope.
+   Exporter names are kept; an unnamed node gets ``<op>_<n>`` (n counts that op type in graph
+   order, main graph first, then bodies), and a later node repeating an earlier name gets
+   ``<name>_<n>``. The same input always gives the same names. Generated names of unnamed
+   nodes live in memory only: saving writes those nodes unnamed again, as the exporter did
+   (so an exact pass never grows the file by names); renamed duplicates keep their new name.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ class NormalizeStats:
     initializer_inputs: int = 0
     identities_bypassed: int = 0
     nodes_folded: int = 0
+    nodes_named: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
@@ -64,6 +72,7 @@ class NormalizeStats:
             "initializer_inputs": self.initializer_inputs,
             "identities_bypassed": self.identities_bypassed,
             "nodes_folded": self.nodes_folded,
+            "nodes_named": self.nodes_named,
             "skipped": dict(self.skipped),
         }
 
@@ -83,6 +92,7 @@ def normalize(
         stats.constant_nodes += _constant_nodes_to_tensors(graph)
         stats.identities_bypassed += bypass_constant_identities(graph)
     model.graph.cleanup(remove_unused_graph_inputs=False)
+    stats.nodes_named = name_nodes(model)
     infer_types(model)  # known sizes let the folding guard refuse blow-ups before evaluating
     folded = fold_constants(
         model.graph, max_growth_bytes=max_growth_bytes, materialize_weights=materialize_weights
@@ -106,6 +116,40 @@ def load_normalized(
     """Load ``source`` and normalize it (see :func:`normalize`)."""
     model = load_model(source)
     return model, normalize(model, materialize_weights=materialize_weights)
+
+
+def name_nodes(model: Model) -> int:
+    """Rule 6: give every node a unique, stable name; returns how many nodes were (re)named."""
+    graphs = list(iter_graphs(model.graph))
+    used = {node.name for graph in graphs for node in graph.nodes if node.name}
+    seen: set[str] = set()
+    per_op: dict[str, int] = {}
+    generated: set[str] = set(model.generated_names)
+    renamed = 0
+    for graph in graphs:
+        for node in graph.nodes:
+            if node.name and node.name not in seen:
+                seen.add(node.name)
+                continue
+            if node.name:
+                base = node.name
+            else:
+                per_op[node.op] = per_op.get(node.op, -1) + 1
+                base = f"{node.op}_{per_op[node.op]}"
+            name, index = base, 0
+            while name in used or name in seen:
+                index += 1
+                name = f"{base}_{index}"
+            if not node.name:
+                generated.add(name)
+            node.name = name
+            used.add(name)
+            seen.add(name)
+            renamed += 1
+    model.generated_names = frozenset(generated)
+    if renamed:
+        logger.info("normalize: named %d unnamed or duplicate-named nodes", renamed)
+    return renamed
 
 
 def _count_initializer_inputs(model: Model) -> int:

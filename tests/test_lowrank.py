@@ -459,7 +459,8 @@ def test_sparsify_leaves_the_factors_alone(tmp_path: Path) -> None:
     assert report.passed
 
 
-def test_unnamed_nodes_are_reported_by_their_outputs(tmp_path: Path) -> None:
+def test_unnamed_nodes_are_reported_by_their_normalized_names(tmp_path: Path) -> None:
+    """Normalization names unnamed nodes <op>_<n> (issue 15.7): one identity for every pass."""
     values = _low_rank_matrix(64, 64, 8, seed=22)
     proto = make_model(
         [
@@ -470,9 +471,9 @@ def test_unnamed_nodes_are_reported_by_their_outputs(tmp_path: Path) -> None:
         [float_input("y", ["batch", 64])],
         [numpy_helper.from_array(values, "W"), numpy_helper.from_array(values.T.copy(), "V")],
     )
-    _, result = _run(proto, tmp_path, rank=8, exclude=["y"])
-    assert result.touched == ["h"]
-    assert list(result.stats["layers"]) == ["h"]
+    _, result = _run(proto, tmp_path, rank=8, exclude=["MatMul_1"])
+    assert result.touched == ["MatMul_0"]
+    assert list(result.stats["layers"]) == ["MatMul_0"]
     assert result.stats["skipped"] == {"excluded by option": 1}
 
 

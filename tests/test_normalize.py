@@ -237,3 +237,55 @@ def test_backend_models_round_trip(case: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.onnx"
     save_model(model, out)
     assert_same_outputs(model_path, out, feed)
+
+
+def _if_model_with_unnamed_nodes() -> onnx.ModelProto:
+    """Unnamed MatMuls in the main graph and in both If branches, plus a duplicated name."""
+    branch_weight = numpy_helper.from_array(np.eye(4, dtype=np.float32) * 2, "Wb")
+    then_body = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "Wb"], ["t"])],
+        "then",
+        [],
+        [float_input("t", [2, 4])],
+        [branch_weight],
+    )
+    else_body = helper.make_graph(
+        [helper.make_node("Neg", ["h"], ["e"], name="dup")], "else", [], [float_input("e", [2, 4])]
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"], name="dup"),
+        helper.make_node("ReduceSum", ["r"], ["s"], keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["cond"]),
+        helper.make_node("If", ["cond"], ["y"], then_branch=then_body, else_branch=else_body),
+    ]
+    return make_model(
+        nodes,
+        [float_input("x", [2, 4])],
+        [float_input("y", [2, 4])],
+        [weight("W", (4, 4), 3), numpy_helper.from_array(np.array(0, np.float32), "zero")],
+    )
+
+
+def test_every_node_gets_a_unique_stable_name_that_saving_leaves_out(tmp_path: Path) -> None:
+    """Issue 15.7: one identity per node for every pass; exporter names kept; generated names
+    are not written to the output (an exact pass never grows the file by names)."""
+    proto = _if_model_with_unnamed_nodes()
+    names = []
+    for _ in range(2):
+        model = model_from_proto(proto)
+        stats = normalize(model)
+        graphs = [model.graph, *model.graph.subgraphs(recursive=True)]
+        names.append([node.name for graph in graphs for node in graph.nodes])
+    assert names[0] == names[1]  # stable
+    assert len(set(names[0])) == len(names[0])  # unique across the main graph and bodies
+    assert {"MatMul_0", "MatMul_1", "dup", "dup_1", "If_0"} <= set(names[0])
+    assert stats.nodes_named == 6  # five unnamed nodes and one duplicate
+    out = save_model(model, tmp_path / "out.onnx")
+    saved = onnx.load(str(out))
+    written = [n.name for n in saved.graph.node]
+    written += [n.name for n in saved.graph.node[-1].attribute[0].g.node]
+    written += [n.name for n in saved.graph.node[-1].attribute[1].g.node]
+    assert sorted(written) == sorted(["", "dup", "", "", "", "", "dup_1"])
+    feed = {"x": np.arange(8, dtype=np.float32).reshape(2, 4)}
+    assert_same_outputs(proto, out, feed)

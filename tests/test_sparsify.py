@@ -485,17 +485,18 @@ def _unnamed(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-def test_unnamed_nodes_are_reported_by_their_output_names() -> None:
+def test_unnamed_nodes_are_reported_by_their_normalized_names() -> None:
     """Regression: unnamed nodes all reported as "" overwrote each other and filled touched
-    with empty names."""
+    with empty names. Normalization names them <op>_<n> (issue 15.7)."""
     _, result = _run(_unnamed(_mlp()), op_types=["Gemm"])
     assert result.stats["skipped"] == {"op-type-not-selected": 2}
     _, result = _run(_unnamed(_mlp()), method="magnitude")
-    assert set(result.stats["layers"]) == {"h", "y"} and result.touched == ["h", "y"]
-    _, result = _run(_unnamed(_mlp()), method="magnitude", exclude=["h"])
-    assert result.stats["skipped"] == {"excluded": 1} and result.touched == ["y"]
+    names = ["MatMul_0", "MatMul_1"]
+    assert set(result.stats["layers"]) == set(names) and result.touched == names
+    _, result = _run(_unnamed(_mlp()), method="magnitude", exclude=["MatMul_0"])
+    assert result.stats["skipped"] == {"excluded": 1} and result.touched == ["MatMul_1"]
     model, result = _run(_unnamed(_mlp()), pattern="channel", sparsity=0.25, method="magnitude")
-    assert set(result.stats["layers"]) == {"h"} and result.touched == ["h", "y"]
+    assert set(result.stats["layers"]) == {"MatMul_0"} and result.touched == names
     assert result.stats["skipped"] == {"graph-output": 1}
     assert _values(model, "W2").shape == (24, 8)
 
