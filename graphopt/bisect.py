@@ -25,7 +25,7 @@ from graphopt.data import Feeds
 from graphopt.manager import PassManager
 from graphopt.model import save_model
 from graphopt.normalize import load_normalized
-from graphopt.pass_api import Pass, PassContext
+from graphopt.pass_api import Pass, PassContext, plan_opset
 from graphopt.validate import Criteria, compare_models
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,9 @@ class _Prober:
         """Apply the first ``count`` passes (the last one limited to ``scope``); validate."""
         self.probes += 1
         model, _ = load_normalized(
-            self.source, materialize_weights=any(p.reads_weights for p in self.passes)
+            self.source,
+            materialize_weights=any(p.reads_weights for p in self.passes),
+            min_opset=plan_opset(self.passes),
         )
         if count > 1:
             model, _ = PassManager(self.passes[: count - 1], check=False).run(

@@ -323,6 +323,8 @@ def optimize_command(
     def on_event(kind: str, info: dict[str, Any]) -> None:
         if kind == "plan":
             click.echo("plan: " + " → ".join(info["plan"]))
+        elif kind == "opset":
+            click.echo(f"opset: {info['description']}")
         elif kind == "data":
             click.echo(f"data: {info['description']}")
         elif kind == "validation-data":

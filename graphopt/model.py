@@ -49,6 +49,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, update_impor
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from graphopt.errors import InputError, ModelLoadError
+from graphopt.opset import OpsetUpgrade, default_opset, upgrade_proto
 
 logger = logging.getLogger(__name__)
 
@@ -268,6 +269,8 @@ class Model:
     """Where passes keep the large weights they compute (module rule 6)."""
     generated_names: frozenset[str] = frozenset()
     """Names normalization gave unnamed nodes; saved models write those nodes unnamed."""
+    opset_upgrade: OpsetUpgrade | None = None
+    """Set when loading asked for a newer opset (see :mod:`graphopt.opset`)."""
 
     @property
     def opset(self) -> int:
@@ -453,8 +456,12 @@ def constant_tensor_proto(constant: gs.Constant) -> onnx.TensorProto:
     return proto
 
 
-def load_model(path: str | os.PathLike[str]) -> Model:
-    """Open ``path`` for editing without reading external weights. See the module rules."""
+def load_model(path: str | os.PathLike[str], *, min_opset: int | None = None) -> Model:
+    """Open ``path`` for editing without reading external weights. See the module rules.
+
+    ``min_opset``: upgrade the default domain to at least this opset when it is older
+    (:mod:`graphopt.opset`; the outcome is in :attr:`Model.opset_upgrade`).
+    """
     model_path = Path(path)
     if not model_path.exists():
         raise ModelLoadError(f"{model_path}: no such file")
@@ -472,12 +479,16 @@ def load_model(path: str | os.PathLike[str]) -> Model:
     _check_header(proto, model_path)
     base_dir = model_path.parent
     external = _check_external_data(proto, base_dir, model_path)
+    upgrade = None
+    if min_opset is not None and default_opset(proto) < min_opset:
+        proto, upgrade = upgrade_proto(proto, min_opset)
     graph = _import_graph(proto, model_path)
     _attach_external_values(graph, base_dir)
     shell = _shell_of(proto)
     model = Model(
         graph=graph,
         shell=shell,
+        opset_upgrade=upgrade,
         source=model_path,
         had_external_data=external > 0,
         source_input_names=frozenset(i.name for i in proto.graph.input),

@@ -111,10 +111,10 @@ def normalize(
 
 
 def load_normalized(
-    source: Path, *, materialize_weights: bool = False
+    source: Path, *, materialize_weights: bool = False, min_opset: int | None = None
 ) -> tuple[Model, NormalizeStats]:
-    """Load ``source`` and normalize it (see :func:`normalize`)."""
-    model = load_model(source)
+    """Load ``source`` (upgraded to ``min_opset`` when older) and normalize it."""
+    model = load_model(source, min_opset=min_opset)
     return model, normalize(model, materialize_weights=materialize_weights)
 
 

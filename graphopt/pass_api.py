@@ -113,6 +113,15 @@ class Pass(abc.ABC):
             self.name, self.options_schema, options or {}
         )
 
+    def required_opset(self) -> int | None:
+        """The default-domain opset this pass's rewrites need with its options (None: any).
+
+        The pipeline loads the model upgraded to the largest requirement of the plan
+        (:mod:`graphopt.opset`); a pass must still handle a model the converter could not
+        upgrade (use what the model's opset allows, or refuse with the reason).
+        """
+        return None
+
     def requires(self, model: Model) -> None:  # noqa: B027 - optional hook
         """Check preconditions; raise :class:`GraphoptError` to refuse the model."""
 
@@ -138,6 +147,12 @@ class Pass(abc.ABC):
         except Exception as error:
             raise PassError(self.name, (), f"{type(error).__name__}: {error}") from error
         return result
+
+
+def plan_opset(passes: Iterable[Pass]) -> int | None:
+    """The newest opset any of ``passes`` needs (None when none needs one)."""
+    wanted = [needed for item in passes if (needed := item.required_opset()) is not None]
+    return max(wanted, default=None)
 
 
 def graph_fingerprint(graph: gs.Graph) -> tuple[object, ...]:

@@ -29,7 +29,7 @@ from graphopt.localize import TensorComparison, compare_tensors
 from graphopt.manager import PassManager, RunReport
 from graphopt.model import Model, check_output_path, model_file_bytes, save_model
 from graphopt.normalize import load_normalized
-from graphopt.pass_api import Pass, PassContext
+from graphopt.pass_api import Pass, PassContext, plan_opset
 from graphopt.registry import load_pass_class
 from graphopt.validate import Criteria, ValidationReport, compare_models, json_safe
 
@@ -50,6 +50,8 @@ class OptimizeReport:
     output_bytes: int
     data: str
     synthetic_data: bool
+    opset: dict[str, Any] | None = None
+    """The opset upgrade the plan asked for (:class:`graphopt.opset.OpsetUpgrade`), if any."""
     validation: ValidationReport | None = None
     per_tensor: list[TensorComparison] | None = None
     bisect: BisectReport | None = None
@@ -70,6 +72,7 @@ class OptimizeReport:
             "output_bytes": self.output_bytes,
             "data": self.data,
             "synthetic_data": self.synthetic_data,
+            "opset": self.opset,
             "validation": self.validation.to_dict() if self.validation else None,
             "per_tensor": None
             if self.per_tensor is None
@@ -116,9 +119,15 @@ def optimize(
 
     started = time.perf_counter()
     model, normalize_stats = load_normalized(
-        source, materialize_weights=any(item.reads_weights for item in pass_objects)
+        source,
+        materialize_weights=any(item.reads_weights for item in pass_objects),
+        min_opset=plan_opset(manager.passes),
     )
     timings["load_normalize"] = time.perf_counter() - started
+    upgrade = model.opset_upgrade
+    opset = None if upgrade is None else asdict(upgrade)
+    if upgrade is not None:
+        emit("opset", {"upgrade": upgrade, "description": upgrade.describe()})
     emit("normalized", {"stats": normalize_stats.as_dict()})
 
     feeds = _feeds_for(model, data, batch_size, seed)
@@ -153,6 +162,7 @@ def optimize(
         output_bytes=model_file_bytes(target),
         data=check_feeds.description,
         synthetic_data=check_feeds.synthetic,
+        opset=opset,
         seconds=timings,
     )
     if not validate:

@@ -78,8 +78,13 @@ def quantize_weight(
 def quantize_bias(
     bias: np.ndarray, activation_scale: float, weight_scale: np.ndarray
 ) -> tuple[np.ndarray, QuantParams]:
-    """Rule 3."""
+    """Rule 3 (a per-tensor weight scale gives one bias scale: no per-axis Q/DQ needed)."""
     scale = (np.float32(activation_scale) * weight_scale.astype(np.float32)).astype(np.float32)
+    if scale.ndim == 0:
+        safe_scalar = float(scale) if scale > 0 else 1.0
+        quantized = np.clip(np.round(bias / safe_scalar), -(2**31) + 1, 2**31 - 1)
+        scalar = np.array(scale, np.float32)
+        return quantized.astype(np.int32), QuantParams(scalar, np.array(0, np.int32), None)
     scale = np.broadcast_to(scale, bias.shape).astype(np.float32)
     safe = np.where(scale > 0, scale, 1.0)
     quantized = np.clip(np.round(bias / safe), -(2**31) + 1, 2**31 - 1).astype(np.int32)

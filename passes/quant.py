@@ -23,7 +23,7 @@ from graphopt.calibration import (
 from graphopt.data import Feeds
 from graphopt.edit import replace_input
 from graphopt.errors import InputError
-from graphopt.model import Model, runnable_model, weight_values
+from graphopt.model import Model, iter_graphs, runnable_model, weight_values
 from graphopt.options import Option
 from graphopt.ort import make_session
 from graphopt.pass_api import Budget, Pass, PassContext, PassResult
@@ -42,6 +42,13 @@ logger = logging.getLogger(__name__)
 
 
 EMBEDDING_MIN_VALUES = 65536
+PER_AXIS_OPSET = 13
+"""QuantizeLinear/DequantizeLinear gained ``axis`` (per-channel) in opset 13."""
+QDQ_OPSET = 10
+"""The first opset with QuantizeLinear/DequantizeLinear and MatMulInteger."""
+DYNAMIC_OPSET = 11
+"""The first opset with DynamicQuantizeLinear."""
+RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
 
 
 @dataclass(frozen=True)
@@ -77,14 +84,17 @@ class Candidate:
     activation: gs.Tensor
     scheme: str = "static"
     """static (calibrated Q/DQ), dynamic (per-batch activation scale), int4 (weight-only),
-    split (outlier channels in float, the rest static)."""
+    weight-only (int8 weights through DequantizeLinear, float compute), split (outlier
+    channels in float, the rest static)."""
     outliers: np.ndarray | None = None
     inlier_range: tuple[float, float] | None = None
+    body: gs.Graph | None = None
+    """The If/Loop/Scan body that holds the node; None for the main graph."""
 
     @property
     def activations(self) -> list[gs.Tensor]:
         """Inputs quantized with calibrated Q/DQ pairs (both, for activation × activation)."""
-        if self.scheme in ("dynamic", "int4"):
+        if self.scheme in ("dynamic", "int4", "weight-only"):
             return []
         if isinstance(self.weight, gs.Constant):
             return [self.activation]
@@ -164,6 +174,18 @@ class QuantPass(Pass):
     12. ``embeddings``: a Gather along axis 0 of a constant float32 table with at least 65536
         values becomes Gather of an int8 table (symmetric, one scale per row) → Cast → Mul by
         the gathered row scales. Outside the accuracy-driven loop; validation measures it.
+    13. Opsets: per-channel weights (per-axis Q/DQ) need opset 13, so the pass asks the
+        pipeline for it (:meth:`required_opset`; the model is upgraded by onnx's version
+        converter and the plan output says so). When the converter cannot upgrade the model,
+        weights and biases are quantized per tensor (opset ≥ 10), ``mode=dynamic`` needs 11 and
+        falls back to static below it, and below opset 10 the pass refuses with the reason.
+    14. Control-flow bodies (If/Loop/Scan): ONNX Runtime cannot expose tensors inside a body
+        for calibration, so there a MatMul with a 2-D constant weight is quantized dynamically
+        (per-batch activation scale, opset ≥ 11), and a Conv/Gemm (or a MatMul below opset 11)
+        gets int8 weight-only storage (DequantizeLinear on the weight; compute stays float:
+        a smaller file, no speedup). ``min_macs`` cannot be measured there and is not applied.
+        LSTM/GRU/RNN nodes stay float (the standard domain has no quantized recurrent op);
+        every such node is logged with its reason.
     """
 
     name: ClassVar[str] = "quant"
@@ -284,12 +306,42 @@ class QuantPass(Pass):
         ),
     )
 
+    def required_opset(self) -> int | None:
+        """Rule 13: per-axis Q/DQ need 13; per-tensor Q/DQ 10; DynamicQuantizeLinear 11."""
+        if self.options["per_channel"] or self.options["outlier_threshold"] > 0:
+            return PER_AXIS_OPSET
+        if "dynamic" in (self.options["mode"], self.options["fallback"]):
+            return DYNAMIC_OPSET
+        return QDQ_OPSET
+
+    def _opset_limits(self, model: Model) -> dict[str, Any]:
+        """Rule 13: what the model's opset allows; sets the per-call limits and returns notes."""
+        opset = model.opset
+        upgrade = model.opset_upgrade
+        why = f" ({upgrade.describe()})" if upgrade is not None and not upgrade.converted else ""
+        if opset < QDQ_OPSET:
+            raise InputError(
+                f"quant needs opset ≥ {QDQ_OPSET} for QuantizeLinear/DequantizeLinear; the "
+                f"model has opset {opset}{why}"
+            )
+        self._per_axis = opset >= PER_AXIS_OPSET
+        self._dynamic = opset >= DYNAMIC_OPSET
+        notes: dict[str, Any] = {}
+        if self.options["per_channel"] and not self._per_axis:
+            notes["per_tensor_weights"] = f"opset {opset} has no per-axis Q/DQ{why}"
+            logger.warning("quant: per-tensor weights: opset %d has no per-axis Q/DQ%s", opset, why)
+        if self.options["mode"] == "dynamic" and not self._dynamic:
+            notes["static_not_dynamic"] = f"opset {opset} has no DynamicQuantizeLinear{why}"
+            logger.warning("quant: static activations: opset %d has no dynamic Q", opset)
+        return notes
+
     def call(self, model: Model, context: PassContext) -> PassResult:
         if context.data is None or not isinstance(context.data, Feeds):
             raise InputError(
                 "quant needs calibration data (or synthesized feeds from the pipeline)"
             )
         feeds: Feeds = context.data
+        opset_notes = self._opset_limits(model)
         report = QuantReport()
         candidates = self._candidates(model.graph, context, report)
         if not candidates:
@@ -299,7 +351,7 @@ class QuantPass(Pass):
                 else []
             )
             logger.warning("quant: nothing to quantize (%d nodes skipped)", len(report.skipped))
-            stats = {"quantized": 0, "embeddings": len(embeddings)}
+            stats = {"quantized": 0, "embeddings": len(embeddings), **opset_notes}
             if report.skipped:
                 stats["skipped"] = count_reasons(report.skipped.values())
             return PassResult(model, bool(embeddings), stats, embeddings)
@@ -334,7 +386,11 @@ class QuantPass(Pass):
             "by_op": count_values(c.node.op for c in chosen),
             "by_scheme": count_values(c.scheme for c in chosen),
             "calibrator": self.options["calibrator"],
+            **opset_notes,
         }
+        in_bodies = sum(1 for c in chosen if c.body is not None)
+        if in_bodies:
+            stats_out["in_control_flow_bodies"] = in_bodies
         if report.skipped:
             stats_out["skipped"] = count_reasons(report.skipped.values())
         if report.unquantizable:
@@ -350,11 +406,22 @@ class QuantPass(Pass):
         )
 
     def _initial_scheme(self, candidate: Candidate) -> Candidate:
-        """Rules 8 and 9: int4 weight-only or dynamic MatMuls when the options ask for them."""
+        """Rules 8, 9 and 14: int4 weight-only or dynamic MatMuls when the options ask for them;
+        in control-flow bodies, dynamic MatMuls and weight-only Conv/Gemm."""
         weight_only = candidate.node.op == "MatMul" and isinstance(candidate.weight, gs.Constant)
         if weight_only and self.options["weight_bits"] == 4:
             return candidate.with_scheme("int4")
-        if weight_only and self.options["mode"] == "dynamic":
+        if candidate.body is not None:
+            scheme = "dynamic" if weight_only and self._dynamic else "weight-only"
+            logger.info(
+                "quant: %s (%s) is inside a control-flow body, where activations cannot be "
+                "calibrated: %s",
+                candidate.node.name,
+                candidate.node.op,
+                "dynamic per-batch quantization" if scheme == "dynamic" else "int8 weight-only",
+            )
+            return candidate.with_scheme(scheme)
+        if weight_only and self.options["mode"] == "dynamic" and self._dynamic:
             return candidate.with_scheme("dynamic")
         return candidate
 
@@ -393,7 +460,7 @@ class QuantPass(Pass):
 
     def _quantize_embeddings(self, graph: gs.Graph, context: PassContext) -> list[str]:
         """Rule 12; returns the names of the rewritten Gather nodes."""
-        namer = Namer(graph)
+        namer = Namer(*iter_graphs(graph))
         done: list[str] = []
         tables: dict[int, tuple[gs.Constant, gs.Constant]] = {}
         for node in list(graph.nodes):
@@ -448,30 +515,41 @@ class QuantPass(Pass):
     def _candidates(
         self, graph: gs.Graph, context: PassContext, report: QuantReport
     ) -> list[Candidate]:
+        """Rules 1 and 14: candidates of the main graph and of every control-flow body."""
         candidates: list[Candidate] = []
         op_types = set(self.options["op_types"])
-        for node in graph.nodes:
-            if node.op not in PLACEMENT:
-                continue
-            reason = self._skip_reason(node, op_types, context)
-            if reason is not None:
-                report.skipped[node.name] = reason
-                logger.info("quant: skipping %s (%s): %s", node.name, node.op, reason)
-                continue
-            placement = PLACEMENT[node.op]
-            weight = node.inputs[placement.weight_input]
-            candidates.append(
-                Candidate(
+        per_channel = self.options["per_channel"] and self._per_axis
+        for sub in iter_graphs(graph):
+            body = None if sub is graph else sub
+            for node in sub.nodes:
+                if node.op in RECURRENT_OPS:
+                    reason = "recurrent op: the standard domain has no quantized LSTM/GRU/RNN"
+                    report.skipped[node.name] = reason
+                    logger.info("quant: skipping %s (%s): %s", node.name, node.op, reason)
+                    continue
+                if node.op not in PLACEMENT:
+                    continue
+                reason = self._skip_reason(node, op_types, context, body is not None)
+                if reason is not None:
+                    report.skipped[node.name] = reason
+                    logger.info("quant: skipping %s (%s): %s", node.name, node.op, reason)
+                    continue
+                placement = PLACEMENT[node.op]
+                weight = node.inputs[placement.weight_input]
+                candidate = Candidate(
                     node=node,
                     placement=placement,
                     weight=weight,
-                    weight_axis=_weight_axis(node, weight, self.options["per_channel"]),
+                    weight_axis=_weight_axis(node, weight, per_channel),
                     activation=node.inputs[0],
+                    body=body,
                 )
-            )
+                candidates.append(candidate)
         return candidates
 
-    def _skip_reason(self, node: gs.Node, op_types: set[str], context: PassContext) -> str | None:
+    def _skip_reason(
+        self, node: gs.Node, op_types: set[str], context: PassContext, in_body: bool
+    ) -> str | None:
         if node.op not in op_types:
             return "op type not requested"
         if not context.in_scope(node.name):
@@ -487,6 +565,8 @@ class QuantPass(Pass):
         if not isinstance(weight, gs.Constant):
             if node.op != "MatMul":
                 return "weight is not a constant"
+            if in_body:
+                return "activation × activation MatMul inside a control-flow body (no calibration)"
             if not self.options["quantize_act_matmul"]:
                 return "activation × activation MatMul"
             if weight.dtype is not None and weight.dtype != np.float32:
@@ -507,6 +587,7 @@ class QuantPass(Pass):
     def _requests(self, candidates: list[Candidate]) -> list[StatRequest]:
         histogram = self.options["calibrator"] != "minmax"
         split = self.options["outlier_threshold"] > 0
+        candidates = [c for c in candidates if c.body is None]  # rule 14: bodies are not seen
         requests = [
             StatRequest(t.name, histogram=histogram, channel_absmax=split and t is c.activation)
             for c in candidates
@@ -565,11 +646,13 @@ class QuantPass(Pass):
     def _apply(
         self, graph: gs.Graph, chosen: list[Candidate], ranges: dict[str, tuple[float, float]]
     ) -> None:
-        namer = Namer(graph)
+        namer = Namer(*iter_graphs(graph))
         symmetric = self.options["backend"] == "tensorrt"
         dequantized: dict[int, gs.Variable] = {}
+        main = graph
         for candidate in chosen:
             node = candidate.node
+            graph = candidate.body or main
             if candidate.scheme == "dynamic":
                 _apply_dynamic(graph, namer, candidate, self.options["reduce_range"])
                 continue
@@ -577,7 +660,19 @@ class QuantPass(Pass):
                 _apply_int4(graph, namer, candidate, self.options["block_size"])
                 continue
             if candidate.scheme == "split":
-                _apply_split(graph, namer, candidate, symmetric, self.options["reduce_range"])
+                _apply_split(
+                    graph, namer, candidate, symmetric, self.options["reduce_range"], self._per_axis
+                )
+                continue
+            if candidate.scheme == "weight-only":
+                quantized, weight_params = quantize_weight(
+                    weight_values(candidate.weight),
+                    candidate.weight_axis,
+                    reduce_range=self.options["reduce_range"],
+                )
+                node.inputs[candidate.placement.weight_input] = dequantize_node(
+                    graph, namer, candidate.weight.name, quantized, weight_params
+                )
                 continue
             for tensor in candidate.activations:
                 if id(tensor) not in dequantized:
@@ -607,8 +702,8 @@ class QuantPass(Pass):
                     logger.debug(
                         "quant: %s is a graph output; its Q/DQ only feeds readers", output.name
                     )
-        graph.cleanup(remove_unused_graph_inputs=False)
-        graph.toposort()
+        main.cleanup(remove_unused_graph_inputs=False)
+        main.toposort()
 
     def _quantize_bias(
         self,
@@ -690,6 +785,7 @@ class QuantPass(Pass):
             c
             for c in candidates
             if c.node.op in ("MatMul", "Gemm")
+            and c.body is None
             and c.scheme in ("static", "dynamic")
             and isinstance(c.weight, gs.Constant)
             and not (c.node.op == "Gemm" and int(c.node.attrs.get("transB", 0)))
@@ -870,7 +966,12 @@ def _apply_int4(graph: gs.Graph, namer: Namer, candidate: Candidate, block_size:
 
 
 def _apply_split(
-    graph: gs.Graph, namer: Namer, candidate: Candidate, symmetric: bool, reduce_range: bool
+    graph: gs.Graph,
+    namer: Namer,
+    candidate: Candidate,
+    symmetric: bool,
+    reduce_range: bool,
+    per_axis: bool,
 ) -> None:
     """Rule 10: Y = Q(X[:, in]) · Q(W[in]) + X[:, out] · W[out]."""
     assert candidate.outliers is not None and candidate.inlier_range is not None
@@ -897,7 +998,8 @@ def _apply_split(
         if label == "inliers":
             params = activation_params(*candidate.inlier_range, symmetric=symmetric)
             gathered = fake_quantize(graph, namer, gathered, params)
-            quantized, weight_params = quantize_weight(rows, 1, reduce_range=reduce_range)
+            axis = 1 if per_axis else None
+            quantized, weight_params = quantize_weight(rows, axis, reduce_range=reduce_range)
             right: gs.Tensor = dequantize_node(
                 graph, namer, f"{base}_{label}_weight", quantized, weight_params
             )
@@ -1018,18 +1120,24 @@ class _Evaluator:
         return worst
 
 
-def _node_map(graph: gs.Graph) -> dict[str, gs.Node]:
-    return {node.name: node for node in graph.nodes}
+def _node_map(graph: gs.Graph) -> dict[str, tuple[gs.Node, gs.Graph | None]]:
+    """Node name → (node, the body holding it or None) over the graph and its bodies."""
+    return {
+        node.name: (node, None if sub is graph else sub)
+        for sub in iter_graphs(graph)
+        for node in sub.nodes
+    }
 
 
-def _rebind(candidate: Candidate, mapping: dict[str, gs.Node]) -> Candidate:
-    node = mapping[candidate.node.name]
+def _rebind(candidate: Candidate, mapping: dict[str, tuple[gs.Node, gs.Graph | None]]) -> Candidate:
+    node, body = mapping[candidate.node.name]
     placement = candidate.placement
     return replace(
         candidate,
         node=node,
         weight=node.inputs[placement.weight_input],
         activation=node.inputs[0],
+        body=body,
     )
 
 
@@ -1083,7 +1191,7 @@ def _has_ranges(candidate: Candidate, ranges: dict[str, tuple[float, float]]) ->
 
 def _conv_output_tensor(candidate: Candidate) -> gs.Tensor | None:
     """For ops whose integer kernel needs a quantized output: the tensor to put Q/DQ on."""
-    if not candidate.placement.quantize_output:
+    if not candidate.placement.quantize_output or candidate.scheme != "static":
         return None
     tensor = candidate.node.outputs[0]
     while len(tensor.outputs) == 1 and tensor.outputs[0].op == "Relu":
