@@ -8,8 +8,12 @@ Rules:
 2. Only the *frontier* is materialised: folded tensors read by a node that stays, inside a
    subgraph, or nowhere else. Intermediate results of a folded chain simply disappear.
 3. A frontier tensor folds only if the model does not grow by more than ``max_growth_bytes``
-   (output bytes minus the bytes of constants that die with the fold). This keeps shared
-   weights shared and refuses to materialise an ``Expand``/``Tile``/``ConstantOfShape`` blow-up.
+   (default 0: an exact fold never grows the file). Growth is the new initializer (values plus
+   its header) minus what dies with it: constants and nodes of its folded cone that nothing
+   outside that cone reads. A constant shared by two folds dies with neither alone, so a
+   weight read by two consumers (in one graph or in two control-flow bodies) stays shared
+   instead of being materialised twice, and an ``Expand``/``Tile``/``ConstantOfShape``
+   blow-up is refused.
    With ``materialize_weights``, tensors read as the weight or bias of MatMul/Gemm/Conv/
    ConvTranspose are exempt: passes that edit weights need them as constants. Sizes known from
    shape inference are checked before anything is evaluated.
@@ -23,7 +27,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,7 +65,7 @@ NEVER_FOLD = frozenset(
         "OptionalHasElement",
     }
 )
-DEFAULT_MAX_GROWTH_BYTES = 1 << 20
+DEFAULT_MAX_GROWTH_BYTES = 0
 WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {
     "MatMul": (0, 1),
     "Gemm": (0, 1, 2),
@@ -319,8 +322,7 @@ class _GrowthLimit:
             return True  # size unknown until evaluated; checked again afterwards
         if self.materialize_weights and feeds_weight_slot(tensor):
             return True
-        freed = sum(constant_nbytes(c) for c in _dying_constants(tensor, foldable_ids))
-        growth = nbytes - freed
+        growth = nbytes + _header_bytes(tensor) - _freed_bytes(tensor, foldable_ids)
         if growth <= self.max_growth_bytes:
             return True
         if id(tensor) not in stats.refused:
@@ -335,22 +337,57 @@ class _GrowthLimit:
         return False
 
 
-def _dying_constants(tensor: gs.Tensor, foldable_ids: set[int]) -> Iterable[gs.Constant]:
-    """Constants in ``tensor``'s folded cone that no surviving node reads."""
+_RAW_DATA_TAG_BYTES = 6
+"""The raw_data field's tag and length prefix (at most 6 bytes for tensors under 4 GiB)."""
+
+
+def _header_bytes(tensor: gs.Tensor) -> int:
+    """Bytes of an initializer's proto besides its values (name, dims, type, field tags)."""
+    dims = [int(d) if isinstance(d, (int, np.integer)) else 1 for d in (tensor.shape or ())]
+    header = onnx.TensorProto(name=tensor.name, data_type=onnx.TensorProto.FLOAT, dims=dims)
+    return header.ByteSize() + _RAW_DATA_TAG_BYTES
+
+
+def _cone(tensor: gs.Tensor, foldable_ids: set[int]) -> tuple[list[gs.Node], list[gs.Constant]]:
+    """The folding nodes ``tensor`` is computed by, and the constants they read."""
+    nodes: list[gs.Node] = []
+    constants: list[gs.Constant] = []
     seen: set[int] = set()
     stack = [tensor]
     while stack:
         current = stack.pop()
         for producer in current.inputs:
+            if id(producer) in seen or id(producer) not in foldable_ids:
+                continue
+            seen.add(id(producer))
+            nodes.append(producer)
             for source in producer.inputs:
-                if id(source) in seen or source.is_empty():
+                if source.is_empty() or id(source) in seen:
                     continue
                 seen.add(id(source))
                 if isinstance(source, gs.Constant):
-                    if all(id(consumer) in foldable_ids for consumer in source.outputs):
-                        yield source
+                    constants.append(source)
                 else:
                     stack.append(source)
+    return nodes, constants
+
+
+def _freed_bytes(tensor: gs.Tensor, foldable_ids: set[int]) -> int:
+    """Bytes of the cone's nodes and constants that nothing outside the cone reads (rule 3)."""
+    nodes, constants = _cone(tensor, foldable_ids)
+    in_cone = {id(node) for node in nodes}
+    freed = 0
+    for node in nodes:
+        outputs_die = all(
+            output is tensor or all(id(reader) in in_cone for reader in output.outputs)
+            for output in node.outputs
+        )
+        if outputs_die:
+            freed += OnnxExporter.export_node(node).ByteSize()
+    for constant in constants:
+        if all(id(reader) in in_cone for reader in constant.outputs):
+            freed += constant_nbytes(constant) + _header_bytes(constant)
+    return freed
 
 
 def _drop_partial_producers(

@@ -19,9 +19,9 @@ Exporters disagree about where weights live. Rules, applied in this order:
    that identity is, for every pass, report, ``include``/``exclude`` glob and bisection scope.
    Exporter names are kept; an unnamed node gets ``<op>_<n>`` (n counts that op type in graph
    order, main graph first, then bodies), and a later node repeating an earlier name gets
-   ``<name>_<n>``. The same input always gives the same names. Generated names of unnamed
-   nodes live in memory only: saving writes those nodes unnamed again, as the exporter did
-   (so an exact pass never grows the file by names); renamed duplicates keep their new name.
+   ``<name>_<n>``. The same input always gives the same names. They live in memory only:
+   saving writes the exporter's names again (unnamed, or the repeated name, which ONNX allows
+   across scopes), so an exact pass never grows the file by names.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def name_nodes(model: Model) -> int:
     used = {node.name for graph in graphs for node in graph.nodes if node.name}
     seen: set[str] = set()
     per_op: dict[str, int] = {}
-    generated: set[str] = set(model.generated_names)
+    original = dict(model.original_names)
     renamed = 0
     for graph in graphs:
         for node in graph.nodes:
@@ -140,13 +140,12 @@ def name_nodes(model: Model) -> int:
             while name in used or name in seen:
                 index += 1
                 name = f"{base}_{index}"
-            if not node.name:
-                generated.add(name)
+            original[name] = node.name
             node.name = name
             used.add(name)
             seen.add(name)
             renamed += 1
-    model.generated_names = frozenset(generated)
+    model.original_names = original
     if renamed:
         logger.info("normalize: named %d unnamed or duplicate-named nodes", renamed)
     return renamed
