@@ -44,15 +44,23 @@ logger = logging.getLogger(__name__)
 
 GLOBAL_STEP = 8
 """Global allocation hands out rank in blocks of this many components (rule 6)."""
+GEMM_OPTIONAL_C_OPSET = 11
+"""The first opset whose Gemm may omit C (rule 2)."""
+GEMM_IMPLICIT_BROADCAST_OPSET = 7
+"""Below this opset Gemm broadcasts C only with ``broadcast=1`` (rule 2)."""
 
 
 @dataclass
 class Consumer:
-    """One MatMul/Gemm reading a weight, and how its activation is laid out."""
+    """One MatMul/Gemm reading a weight, how its activation is laid out, and where it lives."""
 
     node: gs.Node
     activation: gs.Tensor
     channel_axis: int
+    graph: gs.Graph
+    """The graph holding ``node``: the main graph or an If/Loop/Scan body (rule 8)."""
+    body: str | None = None
+    """The body holding ``node`` (e.g. ``If if_0.then_branch``), None in the main graph."""
 
 
 @dataclass
@@ -65,6 +73,11 @@ class WeightGroup:
     label: str
     """The first consumer's label (:func:`~graphopt.selection.node_label`), for reports."""
     consumers: list[Consumer] = field(default_factory=list)
+
+    @property
+    def in_body(self) -> bool:
+        """Whether a consumer sits in an If/Loop/Scan body (rule 8: no XᵀX there)."""
+        return any(consumer.body is not None for consumer in self.consumers)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -101,6 +114,7 @@ class LowRankPass(Pass):
     2. ``MatMul(x, W)`` becomes ``MatMul(MatMul(x, A), B)``; ``Gemm(a, W, c)`` becomes
        ``Gemm(Gemm(a, A, transA), B, c, beta)`` with alpha and transB folded into A·B. The
        second node writes the original output tensor, so names downstream are unchanged.
+       Below opset 11, where Gemm's C is required, the first Gemm gets a zero scalar C.
     3. Rank choice: ``rank`` (fixed) if set, else ``energy`` (fraction of the spectral energy
        kept; of the whitened spectrum in data-aware mode) if set, else ``ratio`` (fraction of
        the matrix's parameters kept). A rank at or above break-even K·N/(K+N) is never
@@ -133,6 +147,19 @@ class LowRankPass(Pass):
        a layer's effect on the output, so uniform stays the default.
     7. Factors split √Σ and are rebalanced per component so A's and B's ranges match
        (:mod:`graphopt.svd` rule 5): later ``quant`` and ``fp16`` see tame ranges.
+    8. If/Loop/Scan bodies: candidates come from the main graph and every body, nested ones
+       included (:func:`~graphopt.model.iter_graphs`); a weight defined in an outer scope and
+       read in a body is a constant like any other. The two new nodes go into the graph that
+       holds the node they replace; new names are unique across the whole model. XᵀX can only
+       be collected for main-graph tensors (ONNX Runtime cannot expose tensors inside a
+       control-flow body as outputs), so a weight read by a node in a body is factored with
+       plain SVD; in a data-aware run that is logged once per such node and counted
+       (``data_free_in_subgraphs``). A weight read in several bodies (the same constant in both
+       branches of an If) is one group: factored, claimed and counted once, each rewritten node
+       reading the shared factors from its own graph. Stats count the rewritten nodes inside
+       bodies (``in_subgraphs``) and the skipped body candidates by reason
+       (``skipped_in_subgraphs``); every log line about a body node names its body. ``touched``
+       lists node names (:func:`~graphopt.selection.node_label`), in every graph.
     """
 
     name: ClassVar[str] = "lowrank"
@@ -208,84 +235,105 @@ class LowRankPass(Pass):
             raise InputError("lowrank: set either rank or energy, not both")
 
     def call(self, model: Model, context: PassContext) -> PassResult:
-        groups, skipped = self._groups(model.graph, context)
+        groups, skipped, bodies = self._groups(model.graph, context)
         groups = self._feasible(_whole_weights(groups, skipped), skipped)
         data_aware = bool(groups) and self._data_aware(context)
+        measured = [group for group in groups if data_aware and not group.in_body]
+        data_free = [group for group in groups if not data_aware or group.in_body]
+        if data_aware:
+            _log_data_free(data_free)
         use_global = self.options["allocation"] == "global" and not self._fixed_target()
-        chunks = (
-            chunk_by_budget(groups, _gram_tensors, gram_budget(model)) if data_aware else [groups]
-        )
+        chunks = chunk_by_budget(measured, _gram_tensors, gram_budget(model)) if measured else []
         decisions: list[Decision] = []
         seed = context.seed
         for chunk in chunks:
-            grams = self._grams(model, chunk, context) if data_aware else None
+            grams = self._grams(model, chunk, context)
             decisions += self._decide(model, chunk, grams, skipped, seed, use_global)
             seed += len(chunk)
             del grams
+        decisions += self._decide(model, data_free, None, skipped, seed, use_global)
         if use_global:
             decisions = _allocate_globally(decisions, self.options["ratio"])
             for decision in decisions:
                 self._factor(model, decision)
-        touched = self._rewrite(model.graph, decisions, context.claims)
+        touched = self._rewrite(model.graph, decisions, context.claims, model.opset)
         params_before = sum(d.group.shape[0] * d.group.shape[1] for d in decisions)
         params_after = sum(d.rank * sum(d.group.shape) for d in decisions)
         stats: dict[str, Any] = {
-            "method": "whiten" if data_aware else "svd",
+            "method": "whiten" if measured else "svd",
             "split": len(touched),
             "weights_factored": len(decisions),
             "params_before": params_before,
             "params_after": params_after,
-            "layers": {
-                d.group.label: {
-                    "shape": list(d.group.shape),
-                    "rank": d.rank,
-                    "break_even": round(break_even_rank(*d.group.shape), 1),
-                    "relative_error": round(d.relative_error, 6),
-                }
-                for d in decisions
-            },
+            "layers": {d.group.label: _layer_stats(d) for d in decisions},
         }
+        in_bodies = [c for d in decisions for c in d.group.consumers if c.body is not None]
+        if bodies:
+            stats["in_subgraphs"] = len(in_bodies)
+        if data_aware and in_bodies:
+            stats["data_free_in_subgraphs"] = len(in_bodies)
         if len(chunks) > 1:
             stats["calibration_runs"] = len(chunks)
         if skipped:
             stats["skipped"] = count_reasons(skipped.values())
+        skipped_in_bodies = [reason for label, reason in skipped.items() if label in bodies]
+        if skipped_in_bodies:
+            stats["skipped_in_subgraphs"] = count_reasons(skipped_in_bodies)
+        if not touched and not skipped:
+            logger.info("lowrank: no MatMul/Gemm in the graph or its bodies; nothing to split")
         if touched:
             logger.info(
-                "lowrank: split %d nodes, %d → %d parameters",
+                "lowrank: split %d nodes (%d inside If/Loop/Scan bodies), %d → %d parameters",
                 len(touched),
+                len(in_bodies),
                 params_before,
                 params_after,
             )
         return PassResult(model, bool(touched), stats, touched)
 
-    # --- rule 1 -------------------------------------------------------------------------------
+    # --- rules 1, 8 ---------------------------------------------------------------------------
 
     def _groups(
         self, graph: gs.Graph, context: PassContext
-    ) -> tuple[list[WeightGroup], dict[str, str]]:
+    ) -> tuple[list[WeightGroup], dict[str, str], dict[str, str]]:
+        """Candidate groups, skipped nodes (label → reason), and body nodes (label → body)."""
         skipped: dict[str, str] = {}
+        bodies: dict[str, str] = {}
         groups: dict[tuple[int, bool, float], WeightGroup] = {}
         activation_axes: dict[str, int] = {}
-        for node in graph.nodes:
-            if node.op not in ("MatMul", "Gemm"):
-                continue
-            transposed_input = node.op == "Gemm" and bool(int(node.attrs.get("transA", 0)))
-            axis = 0 if transposed_input else -1
-            reason = self._skip_reason(node, context)
-            if reason is None and activation_axes.get(node.inputs[0].name, axis) != axis:
-                reason = "activation read on another axis by an earlier candidate"
-            if reason is not None:
-                skipped[node_label(node)] = reason
-                logger.info("lowrank: skipping %s (%s): %s", node_label(node), node.op, reason)
-                continue
-            activation_axes[node.inputs[0].name] = axis
-            transposed = node.op == "Gemm" and bool(int(node.attrs.get("transB", 0)))
-            alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
-            weight = node.inputs[1]
-            key = (id(weight), transposed, alpha)
-            group = groups.setdefault(key, WeightGroup(weight, transposed, alpha, node_label(node)))
-            group.consumers.append(Consumer(node, node.inputs[0], axis))
-        return list(groups.values()), skipped
+        body_names = body_labels(graph)
+        for home in iter_graphs(graph):
+            body = body_names.get(id(home))
+            for node in home.nodes:
+                if node.op not in ("MatMul", "Gemm"):
+                    continue
+                label = node_label(node)
+                if body is not None:
+                    bodies[label] = body
+                transposed_input = node.op == "Gemm" and bool(int(node.attrs.get("transA", 0)))
+                axis = 0 if transposed_input else -1
+                reason = self._skip_reason(node, context)
+                if (
+                    reason is None
+                    and body is None
+                    and activation_axes.get(node.inputs[0].name, axis) != axis
+                ):
+                    reason = "activation read on another axis by an earlier candidate"
+                if reason is not None:
+                    skipped[label] = reason
+                    logger.info(
+                        "lowrank: skipping %s (%s)%s: %s", label, node.op, _where(body), reason
+                    )
+                    continue
+                if body is None:
+                    activation_axes[node.inputs[0].name] = axis
+                transposed = node.op == "Gemm" and bool(int(node.attrs.get("transB", 0)))
+                alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
+                weight = node.inputs[1]
+                key = (id(weight), transposed, alpha)
+                group = groups.setdefault(key, WeightGroup(weight, transposed, alpha, label))
+                group.consumers.append(Consumer(node, node.inputs[0], axis, home, body))
+        return list(groups.values()), skipped, bodies
 
     def _feasible(self, groups: list[WeightGroup], skipped: dict[str, str]) -> list[WeightGroup]:
         """Rule 3 before any data is collected: refuse ranks known to be at or above break-even."""
@@ -351,9 +399,8 @@ class LowRankPass(Pass):
 
     def _grams(
         self, model: Model, groups: list[WeightGroup], context: PassContext
-    ) -> dict[str, np.ndarray] | None:
-        if not groups or not self._data_aware(context):
-            return None
+    ) -> dict[str, np.ndarray]:
+        """XᵀX of every main-graph activation ``groups`` read (the caller checked the data)."""
         assert isinstance(context.data, Feeds)
         requests = [
             StatRequest(
@@ -458,14 +505,12 @@ class LowRankPass(Pass):
         return total
 
     def _skip(self, group: WeightGroup, reason: str, skipped: dict[str, str]) -> None:
-        for consumer in group.consumers:
-            skipped[node_label(consumer.node)] = reason
-            logger.info("lowrank: skipping %s: %s", node_label(consumer.node), reason)
+        _skip_consumers(group, reason, skipped)
 
     # --- rules 2, 7 ---------------------------------------------------------------------------
 
     def _rewrite(
-        self, graph: gs.Graph, decisions: list[Decision], claims: WeightClaims
+        self, graph: gs.Graph, decisions: list[Decision], claims: WeightClaims, opset: int
     ) -> list[str]:
         namer = Namer(*iter_graphs(graph))
         touched: list[str] = []
@@ -479,16 +524,21 @@ class LowRankPass(Pass):
                 claims.claim(claimed.name, self.name)
             for consumer in group.consumers:
                 touched.append(node_label(consumer.node))
-                graph.nodes.extend(_split_node(namer, consumer.node, left, right))
+                split = _split_node(namer, consumer.node, left, right, opset)
+                consumer.graph.nodes.extend(split)
         graph.cleanup(remove_unused_graph_inputs=False)
         graph.toposort()
         return touched
 
 
 def _split_node(
-    namer: Namer, node: gs.Node, left: gs.Constant, right: gs.Constant
+    namer: Namer, node: gs.Node, left: gs.Constant, right: gs.Constant, opset: int
 ) -> list[gs.Node]:
-    """Rule 2: the two nodes replacing ``node``; ``node`` itself is disconnected."""
+    """Rule 2: the two nodes replacing ``node``; ``node`` itself is disconnected.
+
+    Below opset 11 Gemm's C is required, so the first Gemm adds a zero scalar (with
+    ``broadcast=1`` below opset 7, where broadcasting C had to be asked for).
+    """
     base = node.name or node.outputs[0].name
     activation, output = node.inputs[0], node.outputs[0]
     bias = node.inputs[2] if node.op == "Gemm" and len(node.inputs) > 2 else None
@@ -503,6 +553,11 @@ def _split_node(
             gs.Node("MatMul", namer(f"{base}_lowrank_2"), inputs=[hidden, right], outputs=[output]),
         ]
     first_attrs = {"transA": int(node.attrs.get("transA", 0))}
+    first_inputs: list[gs.Tensor] = [activation, left]
+    if opset < GEMM_OPTIONAL_C_OPSET:
+        first_inputs.append(gs.Constant(namer(f"{base}_lowrank_zero"), np.zeros(1, np.float32)))
+        if opset < GEMM_IMPLICIT_BROADCAST_OPSET:
+            first_attrs["broadcast"] = 1
     second_inputs: list[gs.Tensor] = [hidden, right]
     second_attrs: dict[str, Any] = {}
     if bias is not None and bias.name:
@@ -513,7 +568,7 @@ def _split_node(
             "Gemm",
             namer(f"{base}_lowrank_1"),
             attrs=first_attrs,
-            inputs=[activation, left],
+            inputs=first_inputs,
             outputs=[hidden],
         ),
         gs.Node(
@@ -585,10 +640,62 @@ def _whole_weights(groups: list[WeightGroup], skipped: dict[str, str]) -> list[W
         else:
             kept.append(group)
             continue
-        for consumer in group.consumers:
-            skipped[node_label(consumer.node)] = reason
-            logger.info("lowrank: skipping %s: %s", node_label(consumer.node), reason)
+        _skip_consumers(group, reason, skipped)
     return kept
+
+
+def _skip_consumers(group: WeightGroup, reason: str, skipped: dict[str, str]) -> None:
+    for consumer in group.consumers:
+        label = node_label(consumer.node)
+        skipped[label] = reason
+        logger.info("lowrank: skipping %s%s: %s", label, _where(consumer.body), reason)
+
+
+def _log_data_free(groups: list[WeightGroup]) -> None:
+    """Rule 8: once per body node of a data-aware run, say why it gets plain SVD."""
+    for group in groups:
+        for consumer in group.consumers:
+            if consumer.body is not None:
+                logger.info(
+                    "lowrank: %s%s: XᵀX cannot be collected inside If/Loop/Scan bodies (ONNX "
+                    "Runtime cannot expose their tensors as outputs); using plain SVD for %s",
+                    node_label(consumer.node),
+                    _where(consumer.body),
+                    group.weight.name,
+                )
+
+
+def _layer_stats(decision: Decision) -> dict[str, Any]:
+    group = decision.group
+    entry: dict[str, Any] = {
+        "shape": list(group.shape),
+        "rank": decision.rank,
+        "break_even": round(break_even_rank(*group.shape), 1),
+        "relative_error": round(decision.relative_error, 6),
+    }
+    homes = list(dict.fromkeys(c.body for c in group.consumers if c.body is not None))
+    if homes:
+        entry["subgraphs"] = homes
+    return entry
+
+
+def body_labels(graph: gs.Graph) -> dict[int, str]:
+    """Rule 8: ``id`` of every If/Loop/Scan body under ``graph`` → ``"<op> <node>.<attr>"``."""
+    labels: dict[int, str] = {}
+    pending = [graph]
+    while pending:
+        current = pending.pop()
+        for node in current.nodes:
+            for attr, value in node.attrs.items():
+                for sub in value if isinstance(value, list) else [value]:
+                    if isinstance(sub, gs.Graph):
+                        labels[id(sub)] = f"{node.op} {node_label(node)}.{attr}"
+                        pending.append(sub)
+    return labels
+
+
+def _where(body: str | None) -> str:
+    return f" in {body}" if body is not None else ""
 
 
 def _break_even_reason(rank: int, rows: int, cols: int) -> str:

@@ -31,7 +31,7 @@ from graphopt.calibration import (
 from graphopt.data import Feeds
 from graphopt.edit import replace_input
 from graphopt.errors import InputError, OptionError
-from graphopt.model import Model, replace_values, set_weight, weight_values
+from graphopt.model import Model, iter_graphs, replace_values, set_weight, weight_values
 from graphopt.options import Option
 from graphopt.pass_api import Budget, Pass, PassContext, PassResult
 from graphopt.qdq import Namer
@@ -79,6 +79,8 @@ NORM_PER_CHANNEL = frozenset({"BatchNormalization"})
 """Ops whose extra inputs are per-channel vectors (inputs 1..4 of BatchNormalization)."""
 STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 """Op-type lists above name ONNX ops; a custom-domain op of the same name is something else."""
+RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
+"""Ops whose weights this pass does not handle; each one is logged as skipped (rule 1)."""
 HESSIAN_RETRIES = 3
 """How often sparsegpt multiplies the dampening by 10 when the inverse Hessian is not positive
 definite, before the layer is skipped."""
@@ -92,8 +94,9 @@ class Layout:
     """How a weight maps to the canonical (outputs × reduction) matrix this pass works on.
 
     MatMul B (K×N) and Gemm B (K×N) are transposed; Gemm B with transB (N×K) is already in
-    that layout; Conv W (O, C/g, kh, kw) becomes O × (kh·kw·C/g) with the input channel varying
-    fastest, so N:M groups run along input channels for each output and kernel position.
+    that layout; Conv W (O, C/g, k₁, …, k_d) of any spatial rank d ≥ 1 (Conv1d of audio models,
+    Conv2d, Conv3d) becomes O × (k₁·…·k_d·C/g) with the input channel varying fastest, so N:M
+    groups run along input channels for each output and kernel position.
     """
 
     op: str
@@ -101,20 +104,27 @@ class Layout:
 
     def rows(self, values: np.ndarray) -> np.ndarray:
         if self.op == "Conv":
-            return values.transpose(0, 2, 3, 1).reshape(values.shape[0], -1)
+            order = (0, *range(2, values.ndim), 1)
+            return values.transpose(order).reshape(values.shape[0], -1)
         return values if self.transposed else values.T
 
     def back(self, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         if self.op == "Conv":
-            out, channels, height, width = shape
-            return rows.reshape(out, height, width, channels).transpose(0, 3, 1, 2)
+            out, channels, *kernel = shape
+            spread = rows.reshape(out, *kernel, channels)
+            return spread.transpose(0, len(shape) - 1, *range(1, len(shape) - 1))
         return rows if self.transposed else rows.T
 
     def reduction_channels(self, shape: tuple[int, ...]) -> np.ndarray:
         """Input channel (of this group) of every canonical column."""
         if self.op == "Conv":
-            return np.tile(np.arange(shape[1]), shape[2] * shape[3])
+            return np.tile(np.arange(shape[1]), kernel_positions(shape))
         return np.arange(shape[0] if not self.transposed else shape[1])
+
+
+def kernel_positions(shape: tuple[int, ...]) -> int:
+    """Kernel positions of a Conv weight (O, C/g, k₁, …, k_d): k₁·…·k_d."""
+    return int(np.prod(shape[2:], dtype=np.int64))
 
 
 def _layout(node: gs.Node) -> Layout:
@@ -316,10 +326,22 @@ class WeightJob:
     sparsity: float
     stats_inputs: list[tuple[gs.Tensor, int]] = field(default_factory=list)
     """(activation tensor, channel axis) of each reading node, for data-aware methods."""
+    data_free: bool = False
+    """A reader sits in an If/Loop/Scan body, so a data-aware run uses magnitude (rule 10)."""
 
     @property
     def name(self) -> str:
         return node_label(self.nodes[0])
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A node that passed rule 1's per-node checks, with the graph that holds it (rule 10)."""
+
+    node: gs.Node
+    graph: gs.Graph
+    body: str | None
+    """The If/Loop/Scan body holding ``node`` (``If if_0.then_branch``); None in the main graph."""
 
 
 @dataclass
@@ -340,16 +362,40 @@ class ChannelPlan:
     sinks: list[tuple[gs.Node, gs.Constant, int]]
     """(consumer, its weight, the weight's input-channel axis)."""
     sparsity: float
+    graph: gs.Graph
+    """The graph holding the producer and the whole path (rule 10)."""
 
 
 @dataclass
 class Report:
     skipped: dict[str, str] = field(default_factory=dict)
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bodies: dict[str, str] = field(default_factory=dict)
+    """Node name → the If/Loop/Scan body holding it, for every MatMul/Gemm/Conv in a body."""
 
     def skip(self, name: str, key: str, detail: str) -> None:
         self.skipped[name] = key
-        logger.info("sparsify: skipping %s: %s", name, detail)
+        logger.info("sparsify: skipping %s%s: %s", name, self.where(name), detail)
+
+    def where(self, name: str) -> str:
+        """`` in <body>`` for a node inside an If/Loop/Scan body, else an empty string."""
+        body = self.bodies.get(name)
+        return f" in {body}" if body is not None else ""
+
+
+def body_labels(graph: gs.Graph) -> dict[int, str]:
+    """Rule 10: ``id`` of every If/Loop/Scan body under ``graph`` → ``"<op> <node>.<attr>"``."""
+    labels: dict[int, str] = {}
+    pending = [graph]
+    while pending:
+        current = pending.pop()
+        for node in current.nodes:
+            for attr, value in node.attrs.items():
+                for sub in value if isinstance(value, list) else [value]:
+                    if isinstance(sub, gs.Graph):
+                        labels[id(sub)] = f"{node.op} {node_label(node)}.{attr}"
+                        pending.append(sub)
+    return labels
 
 
 def _is_standard(node: gs.Node) -> bool:
@@ -370,9 +416,11 @@ def _weight_problem(node: gs.Node) -> tuple[str, str] | None:
         return "weight-not-constant", "its weight input is not a constant"
     if node.op == "Gemm" and int(node.attrs.get("transA", 0)):
         return "gemm-transA", "Gemm with transA=1"
-    expected = 4 if node.op == "Conv" else 2
-    if len(weight.shape or ()) != expected:
-        return "weight-rank", f"weight rank {len(weight.shape or ())}, expected {expected}"
+    rank = len(weight.shape or ())
+    if node.op == "Conv" and rank < 3:
+        return "weight-rank", f"weight rank {rank}, expected 3 or more (O, C/g, kernel…)"
+    if node.op != "Conv" and rank != 2:
+        return "weight-rank", f"weight rank {rank}, expected 2"
     if np.dtype(weight.dtype).name not in FLOAT_KINDS:
         return "weight-not-float", f"weight dtype {np.dtype(weight.dtype).name}"
     return None
@@ -396,8 +444,24 @@ def _claim(context: PassContext, weights: Sequence[gs.Constant]) -> str | None:
     return None
 
 
+def _log_data_free(nodes: Sequence[gs.Node], method: str, report: Report) -> None:
+    """Rule 10: once per body node of a data-aware run, say why it gets magnitude pruning."""
+    for node in nodes:
+        name = node_label(node)
+        if name in report.bodies:
+            logger.info(
+                "sparsify: %s%s: %s statistics cannot be collected inside If/Loop/Scan bodies "
+                "(ONNX Runtime cannot expose their tensors as outputs); using magnitude pruning",
+                name,
+                report.where(name),
+                method,
+            )
+
+
 def _node_order(model: Model) -> dict[str, int]:
-    return {node_label(node): index for index, node in enumerate(model.graph.nodes)}
+    """Position of every node, main graph first, then each body (:func:`iter_graphs` order)."""
+    nodes = (node for graph in iter_graphs(model.graph) for node in graph.nodes)
+    return {node_label(node): index for index, node in enumerate(nodes)}
 
 
 def _gram_tensors(job: WeightJob) -> dict[str, int]:
@@ -438,9 +502,12 @@ class SparsifyPass(Pass):
     """Weight sparsification. Rules:
 
     1. Candidates are MatMul (2-D constant B), Gemm (constant B, transA=0; transB honoured) and
-       Conv (4-D constant W) nodes of the standard ONNX domain with a float weight type in
-       ``op_types``, not matched by ``exclude`` globs and in scope. A node is known by its name,
-       or by its first output's name when it has none (globs, scope, reports, ``touched``).
+       Conv (constant W of rank ≥ 3: Conv1d, Conv2d, Conv3d) nodes of the standard ONNX domain
+       with a float weight type in ``op_types``, not matched by ``exclude`` globs and in scope,
+       in the main graph and in every If/Loop/Scan body (rule 10). LSTM/GRU/RNN nodes are
+       logged as skipped (``recurrent-op``): their weights are left alone. A node is known by
+       its name, or by its first output's name when it has none (globs, scope, reports,
+       ``touched``).
        Everything else is skipped with its reason logged. A weight claimed by an earlier pass
        (``lowrank``) is skipped; sparsify claims the weights it prunes, so a later structural
        pass leaves them alone (``quant`` claims nothing and still quantizes them, keeping the
@@ -484,8 +551,8 @@ class SparsifyPass(Pass):
        custom-domain op such as com.microsoft's FastGelu with its per-channel bias), and
        those reach only MatMul/Gemm/Conv (group 1, Gemm with transA=0, reading the channels on
        the producer's axis) that read the path as their data input through an unshared constant
-       weight, and no node inside an If/Loop/Scan body reads a path tensor from the outer
-       scope; otherwise the producer is skipped with the reason. Channels are ranked by
+       weight, and no node inside a nested If/Loop/Scan body reads a path tensor from the
+       outer scope; otherwise the producer is skipped with the reason. Channels are ranked by
        Σ ‖X_c‖₂·‖W_consumer[c]‖ with data, else by ‖W_producer[:, c]‖·‖W_consumer[c]‖;
        ``sparsity`` is the fraction removed.
     7. Zeros are exact (0.0), so symmetric quantization (``quant``) keeps them zero.
@@ -494,6 +561,23 @@ class SparsifyPass(Pass):
     9. ONNX ``sparse_initializer`` output is not offered: it needs int64 indices (a win only
        above ~67 % sparsity for fp32), ONNX Runtime densifies it at load, and the Model layer
        has no path for later passes to read such tensors back as dense float arrays.
+    10. If/Loop/Scan bodies: candidates come from the main graph and every body, nested ones
+        included (:func:`~graphopt.model.iter_graphs`); a weight defined in an outer scope and
+        read in a body is a constant like any other, and one read in several bodies (the same
+        constant in both branches of an If) is one weight: pruned, claimed and counted once.
+        Activation statistics can only be collected for main-graph tensors (ONNX Runtime
+        cannot expose tensors inside a control-flow body as outputs), so in a wanda/sparsegpt
+        run a weight read by a node in a body is pruned by magnitude (per row, or per tensor
+        for ``scope`` per-tensor and global) and that is logged once per such node. Channel
+        pruning runs inside a body under rule 6's checks applied to that body: the path stays
+        inside it (a body output — If result, Loop-carried or Scan value — or a read from a
+        nested body skips the producer), channels are ranked by weight norms there, and new
+        constants get names unique across the whole model. Stats count the rewritten nodes
+        inside bodies (``in_subgraphs``), those that fell back to data-free pruning
+        (``data_free_in_subgraphs``) and the skipped body candidates by reason
+        (``skipped_in_subgraphs``); every log line about a body node names its body.
+        ``touched`` lists node names (:func:`~graphopt.selection.node_label`), main graph
+        first.
     """
 
     name: ClassVar[str] = "sparsify"
@@ -600,10 +684,24 @@ class SparsifyPass(Pass):
             stats["layers"] = report.layers
         if report.skipped:
             stats["skipped"] = count_values(report.skipped.values())
+        if report.bodies:
+            self._body_stats(stats, method, touched, report)
         if touched:
             channel = self.options["pattern"] == "channel"
             stats["speed_note"] = CHANNEL_NOTE if channel else SPEED_NOTE
         return PassResult(model, bool(touched), stats, touched)
+
+    def _body_stats(
+        self, stats: dict[str, Any], method: str, touched: list[str], report: Report
+    ) -> None:
+        """Rule 10's counters: rewritten and skipped nodes inside If/Loop/Scan bodies."""
+        in_bodies = [name for name in touched if name in report.bodies]
+        stats["in_subgraphs"] = len(in_bodies)
+        if method != "magnitude" and in_bodies:
+            stats["data_free_in_subgraphs"] = len(in_bodies)
+        skipped = [key for name, key in report.skipped.items() if name in report.bodies]
+        if skipped:
+            stats["skipped_in_subgraphs"] = count_values(skipped)
 
     def _patternnode_label(self) -> str:
         pattern = self.options["pattern"]
@@ -666,39 +764,53 @@ class SparsifyPass(Pass):
 
     def _candidate_nodes(
         self, graph: gs.Graph, context: PassContext, report: Report
-    ) -> list[gs.Node]:
-        """Rule 1's per-node checks."""
-        nodes = []
-        for node in graph.nodes:
-            if node.op not in ("MatMul", "Gemm", "Conv") or not _is_standard(node):
-                continue
-            name = node_label(node)
-            if node.op not in self.options["op_types"]:
-                report.skip(name, "op-type-not-selected", f"{node.op} not in op_types")
-            elif not context.in_scope(name):
-                continue
-            elif matches_any(name, self.options["exclude"]):
-                report.skip(name, "excluded", "matched by exclude")
-            elif (problem := _weight_problem(node)) is not None:
-                report.skip(name, problem[0], problem[1])
-            else:
-                nodes.append(node)
-        return nodes
+    ) -> list[Candidate]:
+        """Rule 1's per-node checks, over the main graph and every body (rule 10)."""
+        candidates = []
+        body_names = body_labels(graph)
+        for home in iter_graphs(graph):
+            body = body_names.get(id(home))
+            for node in home.nodes:
+                if not _is_standard(node):
+                    continue
+                name = node_label(node)
+                if node.op in RECURRENT_OPS and context.in_scope(name):
+                    if body is not None:
+                        report.bodies[name] = body
+                    detail = f"{node.op} weights are not sparsified (only MatMul/Gemm/Conv are)"
+                    report.skip(name, "recurrent-op", detail)
+                    continue
+                if node.op not in ("MatMul", "Gemm", "Conv"):
+                    continue
+                if body is not None:
+                    report.bodies[name] = body
+                if node.op not in self.options["op_types"]:
+                    report.skip(name, "op-type-not-selected", f"{node.op} not in op_types")
+                elif not context.in_scope(name):
+                    continue
+                elif matches_any(name, self.options["exclude"]):
+                    report.skip(name, "excluded", "matched by exclude")
+                elif (problem := _weight_problem(node)) is not None:
+                    report.skip(name, problem[0], problem[1])
+                else:
+                    candidates.append(Candidate(node, home, body))
+        return candidates
 
     def _weight_jobs(
         self, graph: gs.Graph, context: PassContext, method: str, report: Report
     ) -> list[WeightJob]:
         """Group candidate nodes by weight (rule 1), attach their targets (rule 2) and check
-        that data-aware methods can measure their activations (rule 4)."""
-        nodes = self._candidate_nodes(graph, context, report)
-        by_weight: dict[int, list[gs.Node]] = {}
-        for node in nodes:
-            by_weight.setdefault(id(node.inputs[1]), []).append(node)
-        candidate_ids = {id(node) for node in nodes}
+        that data-aware methods can measure their activations (rules 4, 10)."""
+        candidates = self._candidate_nodes(graph, context, report)
+        by_weight: dict[int, list[Candidate]] = {}
+        for candidate in candidates:
+            by_weight.setdefault(id(candidate.node.inputs[1]), []).append(candidate)
+        candidate_ids = {id(candidate.node) for candidate in candidates}
         data_aware = method != "magnitude"
         read_axes: dict[str, tuple[int, str]] = {}  # activation → (axis, reader) accepted so far
         jobs = []
-        for readers in by_weight.values():
+        for sites in by_weight.values():
+            readers = [site.node for site in sites]
             weight = readers[0].inputs[1]
             name = node_label(readers[0])
             layouts = {_layout(node) for node in readers}
@@ -717,16 +829,21 @@ class SparsifyPass(Pass):
                 report.skip(name, "target-zero", "layer_sparsity keeps it dense")
             else:
                 job = WeightJob(weight, readers, layouts.pop(), target)
-                job.stats_inputs = [(node.inputs[0], _activation_axis(node)) for node in readers]
+                job.data_free = data_aware and any(site.body is not None for site in sites)
+                if not job.data_free:
+                    job.stats_inputs = [(n.inputs[0], _activation_axis(n)) for n in readers]
                 if self._is_nm() and not self._nm_fits(job, report):
                     continue
-                if data_aware and not self._measurable(job, method, read_axes, report):
-                    continue
+                if data_aware and not job.data_free:
+                    if not self._measurable(job, method, read_axes, report):
+                        continue
                 if (refusal := _claim(context, [weight])) is not None:
                     report.skip(name, "claimed", refusal)
                     continue
                 for tensor, axis in job.stats_inputs:
                     read_axes.setdefault(tensor.name, (axis, name))
+                if job.data_free:
+                    _log_data_free(readers, method, report)
                 jobs.append(job)
         return jobs
 
@@ -791,7 +908,8 @@ class SparsifyPass(Pass):
                 for job in chunk:
                     original = weight_values(job.weight)
                     try:
-                        updated = self._sparsify_one(job, method, statistics, thresholds)
+                        job_method = "magnitude" if job.data_free else method
+                        updated = self._sparsify_one(job, job_method, statistics, thresholds)
                     except np.linalg.LinAlgError as error:
                         report.skip(job.name, "hessian-not-invertible", f"sparsegpt: {error}")
                         continue
@@ -936,7 +1054,7 @@ class SparsifyPass(Pass):
             for name in others:
                 gram += statistics[name].gram
         if job.layout.op == "Conv":
-            return np.kron(np.eye(shape[2] * shape[3]), gram)
+            return np.kron(np.eye(kernel_positions(shape)), gram)
         return gram
 
     def _record(
@@ -951,6 +1069,11 @@ class SparsifyPass(Pass):
         if self.options["report_gzip"]:
             entry["gzip_before"] = gzip_bytes(before)
             entry["gzip_after"] = gzip_bytes(after)
+        homes = [report.bodies[n] for n in map(node_label, job.nodes) if n in report.bodies]
+        if homes:
+            entry["subgraphs"] = list(dict.fromkeys(homes))
+        if job.data_free:
+            entry["method"] = "magnitude"
         report.layers[job.name] = entry
 
     # --- structured channel pruning (rule 6) ----------------------------------------------------
@@ -960,10 +1083,13 @@ class SparsifyPass(Pass):
     ) -> list[str]:
         graph = model.graph
         plans = []
-        outputs = {id(t) for t in graph.outputs}
-        main_nodes = {id(node) for node in graph.nodes}
-        for node in self._candidate_nodes(graph, context, report):
-            plan = self._plan(node, outputs, main_nodes, report)
+        scopes: dict[int, tuple[set[int], set[int]]] = {}  # graph → ids of outputs, nodes
+        for candidate in self._candidate_nodes(graph, context, report):
+            home = candidate.graph
+            if id(home) not in scopes:
+                scopes[id(home)] = ({id(t) for t in home.outputs}, {id(n) for n in home.nodes})
+            outputs, home_nodes = scopes[id(home)]
+            plan = self._plan(candidate.node, home, outputs, home_nodes, report)
             if plan is not None and self._claim_plan(plan, context, report):
                 plans.append(plan)
         if not plans:
@@ -973,11 +1099,22 @@ class SparsifyPass(Pass):
         if method != "magnitude":
             if not isinstance(context.data, Feeds):
                 raise InputError(f"sparsify method={method} needs calibration data")
+            measured = [plan for plan in plans if plan.graph is graph]
+            for plan in plans:
+                if plan.graph is not graph:
+                    name = node_label(plan.producer)
+                    logger.info(
+                        "sparsify: %s%s: %s statistics cannot be collected inside If/Loop/Scan "
+                        "bodies; ranking its channels by weight norms",
+                        name,
+                        report.where(name),
+                        method,
+                    )
             requests = [
                 StatRequest(
                     sink.inputs[0].name, minmax=False, channel_sumsq=True, channel_axis=axis
                 )
-                for plan in plans
+                for plan in measured
                 for sink, _, _ in plan.sinks
                 for axis in [_activation_axis(sink)]
             ]
@@ -987,14 +1124,15 @@ class SparsifyPass(Pass):
                 requests,
                 on_batch=lambda index: context.report_progress("sparsify: calibrating", index),
             )
-        namer = Namer(graph)
+        namer = Namer(*iter_graphs(graph))
         touched = []
         for plan in plans:
-            keep = self._kept_channels(plan, statistics)
+            keep = self._kept_channels(plan, statistics if plan.graph is graph else {})
             before = self._plan_parameters(plan)
             self._apply_plan(model, plan, keep, namer)
             after = self._plan_parameters(plan)
-            report.layers[node_label(plan.producer)] = {
+            name = node_label(plan.producer)
+            report.layers[name] = {
                 "channels": f"{plan.channels}→{keep.size}",
                 "sparsity": round(1 - keep.size / plan.channels, 4),
                 "size": before,
@@ -1002,17 +1140,25 @@ class SparsifyPass(Pass):
                 "params_before": before,
                 "params_after": after,
             }
+            if name in report.bodies:
+                report.layers[name]["subgraphs"] = [report.bodies[name]]
             touched.append(node_label(plan.producer))
             touched.extend(node_label(sink) for sink, _, _ in plan.sinks)
         logger.info("sparsify: pruned channels of %d producers", len(plans))
         return touched
 
     def _plan(
-        self, node: gs.Node, outputs: set[int], main_nodes: set[int], report: Report
+        self,
+        node: gs.Node,
+        home: gs.Graph,
+        outputs: set[int],
+        home_nodes: set[int],
+        report: Report,
     ) -> ChannelPlan | None:
         """Rule 6's graph checks for one producer; None (after logging why) when it can't.
 
-        ``outputs`` and ``main_nodes`` are the ids of the main graph's outputs and nodes.
+        ``home`` is the graph holding ``node`` (the main graph or a body, rule 10);
+        ``outputs`` and ``home_nodes`` are the ids of its outputs and nodes.
         """
         name = node_label(node)
         weight: gs.Constant = node.inputs[1]
@@ -1035,7 +1181,7 @@ class SparsifyPass(Pass):
                     name, "bias-not-prunable", f"bias shape {bias.shape} is not per channel"
                 )
                 return None
-        rank = 4 if node.op == "Conv" else None
+        rank = len(weight.shape) if node.op == "Conv" else None
         plan = ChannelPlan(
             producer=node,
             weight=weight,
@@ -1048,11 +1194,12 @@ class SparsifyPass(Pass):
             slices=[],
             sinks=[],
             sparsity=self._target(name),
+            graph=home,
         )
         if plan.sparsity <= 0.0:
             report.skip(name, "target-zero", "layer_sparsity keeps it dense")
             return None
-        problem = self._walk(plan, node.outputs[0], outputs, main_nodes)
+        problem = self._walk(plan, node.outputs[0], outputs, home_nodes)
         if problem is None and not plan.sinks:
             problem = ("no-consumer", "no MatMul/Gemm/Conv reads the pruned channels")
         if problem is not None:
@@ -1061,12 +1208,14 @@ class SparsifyPass(Pass):
         return plan
 
     def _walk(
-        self, plan: ChannelPlan, start: gs.Variable, outputs: set[int], main_nodes: set[int]
+        self, plan: ChannelPlan, start: gs.Variable, outputs: set[int], home_nodes: set[int]
     ) -> tuple[str, str] | None:
         """Collect the elementwise path from ``start`` and its sinks into ``plan``.
 
-        A reader that is not a main-graph node sits in an If/Loop/Scan body and reads the
-        tensor from the outer scope: its graph is out of reach, so the producer is skipped.
+        A reader that is not a node of the producer's own graph sits in a nested If/Loop/Scan
+        body and reads the tensor from the outer scope: the pruned shape would leak into that
+        body, so the producer is skipped. ``outputs`` are the ids of the producer's graph's
+        outputs (a body's outputs included: If results, Loop-carried and Scan values).
         """
         region: list[gs.Variable] = [start]
         seen = {id(start)}
@@ -1080,7 +1229,7 @@ class SparsifyPass(Pass):
             for consumer in tensor.outputs:
                 if id(consumer) in nodes:
                     continue
-                if id(consumer) not in main_nodes:
+                if id(consumer) not in home_nodes:
                     detail = (
                         f"{node_label(consumer)} ({consumer.op}) inside a subgraph body reads "
                         f"{tensor.name} from the outer scope"
