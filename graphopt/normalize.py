@@ -20,8 +20,9 @@ Exporters disagree about where weights live. Rules, applied in this order:
    Exporter names are kept; an unnamed node gets ``<op>_<n>`` (n counts that op type in graph
    order, main graph first, then bodies), and a later node repeating an earlier name gets
    ``<name>_<n>``. The same input always gives the same names. They live in memory only:
-   saving writes the exporter's names again (unnamed, or the repeated name, which ONNX allows
-   across scopes), so an exact pass never grows the file by names.
+   saving writes the exporter's names again (unnamed, or a name repeated across scopes, which
+   ONNX Runtime accepts), so an exact pass never grows the file by names; a name repeated
+   within one graph, which ONNX Runtime refuses, keeps its new unique name.
 """
 
 from __future__ import annotations
@@ -127,9 +128,11 @@ def name_nodes(model: Model) -> int:
     original = dict(model.original_names)
     renamed = 0
     for graph in graphs:
+        kept_here: set[str] = set()
         for node in graph.nodes:
             if node.name and node.name not in seen:
                 seen.add(node.name)
+                kept_here.add(node.name)
                 continue
             if node.name:
                 base = node.name
@@ -140,7 +143,8 @@ def name_nodes(model: Model) -> int:
             while name in used or name in seen:
                 index += 1
                 name = f"{base}_{index}"
-            original[name] = node.name
+            if not node.name or node.name not in kept_here:
+                original[name] = node.name  # unnamed, or repeated across scopes only
             node.name = name
             used.add(name)
             seen.add(name)
