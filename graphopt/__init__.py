@@ -10,7 +10,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from graphopt.bisect import BisectReport, bisect_passes
-from graphopt.data import Feeds, open_data, synthesize
+from graphopt.data import Feeds, open_data, parse_input_shapes, synthesize, synthesize_runnable
 from graphopt.errors import (
     DataError,
     GraphoptError,
@@ -31,9 +31,10 @@ from graphopt.options import Option
 from graphopt.pass_api import Budget, Pass, PassContext, PassResult
 from graphopt.pipeline import OptimizeReport, optimize
 from graphopt.tune import TuneResult, tune
-from graphopt.validate import Criteria, ValidationReport, compare_models
+from graphopt.validate import Agreement, Criteria, ValidationReport, agreement, compare_models
 
 __all__ = [
+    "Agreement",
     "BisectReport",
     "Budget",
     "Criteria",
@@ -59,6 +60,7 @@ __all__ = [
     "UnknownPassError",
     "ValidationReport",
     "__version__",
+    "agreement",
     "bisect_passes",
     "compare_models",
     "compare_tensors",
@@ -69,9 +71,11 @@ __all__ = [
     "normalize",
     "open_data",
     "optimize",
+    "parse_input_shapes",
     "plan_order",
     "run_gate",
     "save_model",
     "synthesize",
+    "synthesize_runnable",
     "tune",
 ]

@@ -1,13 +1,23 @@
-"""Command-line interface. Exit codes: 0 success, 1 validation failed, 2 usage or input error.
+"""Command-line interface.
 
-Errors are one line on stderr (``--debug`` shows the traceback). The library logs; this module
-decides what reaches the terminal: the plan, per-pass stats and tables go to stdout, warnings and
-(with ``-v``) every skipped candidate to stderr.
+Rules:
+
+1. Exit codes: 0 success; 1 validation (or the gate, or tune's bar) failed; 2 usage or input
+   error (a bad flag, model file, option, data set, shape or path: the user can fix it); 3 a bug
+   (any other exception: ``internal error … please report it``); 130 interrupted (Ctrl-C or
+   SIGTERM, after temporary files are removed).
+2. Errors are one line on stderr. ``--debug`` adds the traceback and debug logs; ``-v`` logs every
+   skipped candidate, ``-vv`` debug logs. Both are accepted before the subcommand and after it
+   (``graphopt optimize … --debug``), and counts add up.
+3. The library logs; this module decides what reaches the terminal: the plan, per-pass stats and
+   tables go to stdout, warnings and (with ``-v``) every skipped candidate to stderr.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import math
@@ -15,7 +25,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +34,13 @@ import yaml
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from graphopt import __version__
-from graphopt.data import input_specs, open_data, synthesize
+from graphopt.data import (
+    check_input_shapes,
+    input_specs,
+    open_data,
+    parse_input_shapes,
+    synthesize_runnable,
+)
 from graphopt.errors import GraphoptError, InputError
 from graphopt.gate import run_gate
 from graphopt.localize import TensorComparison, compare_tensors, first_divergence
@@ -32,14 +48,14 @@ from graphopt.model import load_model
 from graphopt.normalize import infer_types
 from graphopt.options import parse_option_assignments
 from graphopt.ort import resolve_providers
-from graphopt.pipeline import OptimizeReport, optimize
+from graphopt.pipeline import OptimizeReport, build_passes, default_criteria, optimize
 from graphopt.registry import available_pass_names, load_pass_class
 from graphopt.summary import summarize
 from graphopt.tune import TuneResult, tune
 from graphopt.tune_report import front_rows
 from graphopt.validate import Criteria, ValidationReport
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3
 _RECIPE_KEYS = frozenset({"passes", "options"})
 
 
@@ -85,13 +101,31 @@ def _setup_logging(verbose: int, debug: bool) -> None:
     G_LOGGER.severity = G_LOGGER.ERROR if not debug else G_LOGGER.WARNING
 
 
+_VERBOSE_HELP = "-v: log every skipped candidate; -vv: debug."
+_DEBUG_HELP = "Show tracebacks and debug logs."
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="graphopt")
-@click.option("-v", "--verbose", count=True, help="-v: log every skipped candidate; -vv: debug.")
-@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.option("-v", "--verbose", count=True, help=_VERBOSE_HELP)
+@click.option("--debug", is_flag=True, help=_DEBUG_HELP)
 def cli(verbose: int, debug: bool) -> None:
     """graphopt: optimize ONNX models and validate them against the original."""
     _setup_logging(verbose, debug)
+
+
+def _logging_flags(command: Callable[..., int]) -> Callable[..., int]:
+    """Rule 2: ``-v``/``--debug`` after a subcommand too, added to the group's."""
+
+    @functools.wraps(command)
+    def run(*args: Any, sub_verbose: int, sub_debug: bool, **kwargs: Any) -> int:
+        group = click.get_current_context().find_root().params
+        verbose = int(group.get("verbose") or 0) + sub_verbose
+        _setup_logging(verbose, bool(group.get("debug")) or sub_debug)
+        return command(*args, **kwargs)
+
+    run = click.option("--debug", "sub_debug", is_flag=True, help=_DEBUG_HELP)(run)
+    return click.option("-v", "--verbose", "sub_verbose", count=True, help=_VERBOSE_HELP)(run)
 
 
 def _load_recipe(path: Path | None) -> tuple[list[str], dict[str, dict[str, Any]]]:
@@ -174,6 +208,8 @@ def _print_validation(validation: ValidationReport) -> None:
                 c.output,
                 c.provider,
                 _fmt(c.cosine),
+                _fmt(c.worst_channel_cosine) if c.worst_channel else "-",
+                c.worst_channel or "-",
                 _fmt(c.snr_db, 1),
                 f"{c.max_abs:.2e}",
                 f"{c.median_abs:.2e}",
@@ -182,7 +218,8 @@ def _print_validation(validation: ValidationReport) -> None:
                 "PASS" if c.passed else "FAIL",
             ]
         )
-    headers = ["output", "ep", "cosine", "snr_db", "max_abs", "median_abs", "top1", "nan/inf", ""]
+    headers = ["output", "ep", "cosine", "worst_ch_cosine", "worst_channel", "snr_db"]
+    headers += ["max_abs", "median_abs", "top1", "nan/inf", ""]
     click.echo(_table(headers, rows))
     for failure in validation.failures():
         click.echo(f"  FAIL {failure}")
@@ -203,13 +240,16 @@ def _print_per_tensor(rows: Sequence[TensorComparison]) -> None:
             row.name,
             row.op,
             _fmt(row.cosine),
+            _fmt(row.worst_channel_cosine) if row.worst_channel else "-",
+            row.worst_channel or "-",
             _fmt(row.snr_db, 1),
             f"{row.max_abs:.2e}",
             "ok" if row.passed else "FAIL",
         ]
         for row in rows
     ]
-    click.echo(_table(["tensor", "op", "cosine", "snr_db", "max_abs", ""], table))
+    headers = ["tensor", "op", "cosine", "worst_ch_cosine", "worst_channel", "snr_db", "max_abs"]
+    click.echo(_table([*headers, ""], table))
     if first is None:
         click.echo("per-tensor: every matched tensor is within the budget")
     else:
@@ -220,19 +260,49 @@ def _print_per_tensor(rows: Sequence[TensorComparison]) -> None:
 
 
 def _criteria(
-    min_cosine: float | None, min_snr: float | None, min_top1: float | None
+    min_cosine: float | None,
+    min_snr: float | None,
+    min_top1: float | None,
+    *,
+    whole_tensor: bool = False,
+    default: Callable[[], Criteria] = Criteria,
 ) -> Criteria | None:
+    """Criteria from the budget flags; None (the caller's default) when no flag is given.
+
+    ``--whole-tensor`` alone keeps the ``default`` budget with per-channel gating off.
+    """
     if min_cosine is None and min_snr is None and min_top1 is None:
-        return None
+        return dataclasses.replace(default(), per_channel=False) if whole_tensor else None
     defaults = Criteria()
     return Criteria(
         min_cosine=defaults.min_cosine if min_cosine is None else min_cosine,
         min_snr_db=defaults.min_snr_db if min_snr is None else min_snr,
         min_top1=min_top1,
+        per_channel=not whole_tensor,
     )
 
 
+_input_shapes_option = click.option(
+    "--input-shapes",
+    "input_shapes_text",
+    multiple=True,
+    metavar="NAME:1x3x640x640[,NAME:…]",
+    help="Shapes of synthesized inputs (used without data; batch included); repeatable.",
+)
+
+
+def _input_shapes(texts: Sequence[str]) -> dict[str, tuple[int, ...]] | None:
+    return parse_input_shapes(list(texts)) if texts else None
+
+
+_WHOLE_TENSOR_HELP = (
+    "Gate cosine and SNR on each whole output only. Default: also on the worst channel "
+    "(slices along every axis of size 2-256), so collapsed small-valued channels fail."
+)
+
+
 @cli.command("optimize")
+@_logging_flags
 @click.argument("input_model", type=click.Path(path_type=Path, dir_okay=False))
 @click.argument("output_model", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--passes", "passes_text", help="Comma-separated set of passes, e.g. cleanup,quant.")
@@ -275,13 +345,19 @@ def _criteria(
     help="Execution providers to validate on: cpu, cuda.",
 )
 @click.option("--no-validate", is_flag=True, help="Skip validation against the input model.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size for .npz data.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    help="Batch size for .npz data (default 8; a static batch fixes it).",
+)
 @click.option("--min-cosine", type=click.FloatRange(-1, 1), help="Lossy budget: minimum cosine.")
 @click.option("--min-snr", type=float, help="Lossy budget: minimum SNR in dB.")
 @click.option(
     "--min-top1", type=click.FloatRange(0, 1), help="Lossy budget: minimum top-1 agreement."
 )
+@click.option("--whole-tensor", is_flag=True, help=_WHOLE_TENSOR_HELP)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for synthetic data.")
+@_input_shapes_option
 @click.option(
     "--per-tensor",
     is_flag=True,
@@ -305,7 +381,9 @@ def optimize_command(
     min_cosine: float | None,
     min_snr: float | None,
     min_top1: float | None,
+    whole_tensor: bool,
     seed: int,
+    input_shapes_text: tuple[str, ...],
     per_tensor: bool,
     bisect: bool,
 ) -> int:
@@ -345,9 +423,16 @@ def optimize_command(
         validation_data=validation_data,
         providers=provider_names,
         validate=not no_validate,
-        criteria=_criteria(min_cosine, min_snr, min_top1),
+        criteria=_criteria(
+            min_cosine,
+            min_snr,
+            min_top1,
+            whole_tensor=whole_tensor,
+            default=lambda: default_criteria(build_passes(names, options)),
+        ),
         batch_size=batch_size,
         seed=seed,
+        input_shapes=_input_shapes(input_shapes_text),
         per_tensor=per_tensor,
         bisect=bisect,
         on_event=on_event,
@@ -374,6 +459,7 @@ def _check_writable(*paths: Path | None) -> None:
 
 
 @cli.command("check")
+@_logging_flags
 @click.argument("reference", type=click.Path(path_type=Path, dir_okay=False))
 @click.argument("candidate", type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
@@ -388,6 +474,7 @@ def _check_writable(*paths: Path | None) -> None:
 @click.option("--min-cosine", type=click.FloatRange(-1, 1), help="Minimum cosine (default 0.99).")
 @click.option("--min-snr", type=float, help="Minimum SNR in dB (default 20).")
 @click.option("--min-top1", type=click.FloatRange(0, 1), help="Minimum top-1 agreement.")
+@click.option("--whole-tensor", is_flag=True, help=_WHOLE_TENSOR_HELP)
 @click.option(
     "--max-size-ratio",
     type=click.FloatRange(min=0),
@@ -399,7 +486,11 @@ def _check_writable(*paths: Path | None) -> None:
     help="Maximum candidate/reference median CPU latency (interleaved runs).",
 )
 @click.option("--latency-runs", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size for .npz data.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    help="Batch size for .npz data (default 8; a static batch fixes it).",
+)
 @click.option("--per-tensor", is_flag=True, help="Also compare intermediate tensors by name.")
 @click.option(
     "--json",
@@ -414,6 +505,7 @@ def _check_writable(*paths: Path | None) -> None:
     help="Write JUnit XML: one test case per output × provider × criterion.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@_input_shapes_option
 def check_command(
     reference: Path,
     candidate: Path,
@@ -423,6 +515,7 @@ def check_command(
     min_cosine: float | None,
     min_snr: float | None,
     min_top1: float | None,
+    whole_tensor: bool,
     max_size_ratio: float | None,
     max_latency_ratio: float | None,
     latency_runs: int,
@@ -431,22 +524,36 @@ def check_command(
     json_path: Path | None,
     junit_path: Path | None,
     seed: int,
+    input_shapes_text: tuple[str, ...],
 ) -> int:
     """Gate a CANDIDATE model against its REFERENCE: exit 0 if every criterion holds, else 1."""
     _check_writable(json_path, junit_path)
     provider_names = resolve_providers(_split_names(providers) or ["cpu"])
-    if exact and (min_cosine is not None or min_snr is not None):
-        raise InputError("--exact cannot be combined with --min-cosine/--min-snr")
+    if exact and (min_cosine is not None or min_snr is not None or whole_tensor):
+        raise InputError("--exact cannot be combined with --min-cosine/--min-snr/--whole-tensor")
     criteria = (
-        Criteria(exact=True) if exact else (_criteria(min_cosine, min_snr, min_top1) or Criteria())
+        Criteria(exact=True)
+        if exact
+        else (_criteria(min_cosine, min_snr, min_top1, whole_tensor=whole_tensor) or Criteria())
     )
     reference_model = load_model(reference)
     load_model(candidate)  # a candidate that is not ONNX at all is an input error
     infer_types(reference_model)
+    input_shapes = _input_shapes(input_shapes_text)
     if data is None:
-        feeds = synthesize(reference_model.graph, seed=seed)
+        feeds = synthesize_runnable(
+            reference_model.graph,
+            reference,
+            seed=seed,
+            input_shapes=input_shapes,
+            data_flag="--data",
+        )
     else:
-        feeds = open_data(data, input_specs(reference_model.graph), batch_size=batch_size)
+        specs = input_specs(reference_model.graph)
+        if input_shapes:
+            check_input_shapes(specs, input_shapes)
+            click.secho("WARNING: --input-shapes is ignored with --data", fg="yellow", err=True)
+        feeds = open_data(data, specs, batch_size=batch_size)
         for _ in feeds:  # bad data is an input error up front
             pass
     del reference_model
@@ -474,13 +581,14 @@ def check_command(
 
 
 @cli.command("tune")
+@_logging_flags
 @click.argument("input_model", type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
     "--calib-data",
     "data",
     type=click.Path(path_type=Path),
-    required=True,
-    help=".npz (axis 0 = samples) or a folder of .npz feeds for the passes' calibration.",
+    help=".npz (axis 0 = samples) or a folder of .npz feeds for the passes' calibration "
+    "(synthesized if absent, with a warning).",
 )
 @click.option(
     "--data",
@@ -527,12 +635,17 @@ def check_command(
     type=click.IntRange(min=0),
     help="Evaluation processes (default: cores and free memory allow; 0 = this process).",
 )
-@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size for .npz data.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    help="Batch size for .npz data (default 8; a static batch fixes it).",
+)
 @click.option("--latency-runs", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@_input_shapes_option
 def tune_command(
     input_model: Path,
-    data: Path,
+    data: Path | None,
     validation_data: Path | None,
     objective: str,
     min_cosine: float,
@@ -545,6 +658,7 @@ def tune_command(
     batch_size: int | None,
     latency_runs: int,
     seed: int,
+    input_shapes_text: tuple[str, ...],
 ) -> int:
     """Search passes and options for the best model meeting --min-cosine (exit 1: none does)."""
     folder = out_dir if out_dir is not None else Path(f"{input_model.stem}_tune")
@@ -595,6 +709,7 @@ def tune_command(
         workers=workers,
         seed=seed,
         batch_size=batch_size,
+        input_shapes=_input_shapes(input_shapes_text),
         latency_runs=latency_runs,
         on_event=on_event,
     )
@@ -621,6 +736,7 @@ def _print_tune(result: TuneResult) -> None:
 
 
 @cli.command("passes")
+@_logging_flags
 def passes_command() -> int:
     """List every pass with its options, defaults and help."""
     for name in available_pass_names():
@@ -643,6 +759,7 @@ def passes_command() -> int:
 
 
 @cli.command("inspect")
+@_logging_flags
 @click.argument("model_path", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect_command(model_path: Path, as_json: bool) -> int:
@@ -749,16 +866,17 @@ def _run(args: list[str], debug: bool) -> int:
     except KeyboardInterrupt:
         click.echo("graphopt: interrupted", err=True)
         return 130
-    except Exception as error:
+    except Exception as error:  # rule 1: anything else is a bug
         if debug:
             traceback.print_exc()
-        detail = str(error).splitlines()[0] if str(error) else ""
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        what = type(error).__name__ + (f": {lines[0].strip()}" if lines else "")
         click.echo(
-            f"graphopt: internal error: {type(error).__name__}: {detail} "
-            "(rerun with --debug for the traceback)",
+            f"graphopt: internal error: {what} — please report it; "
+            "rerun with --debug for the traceback",
             err=True,
         )
-        return EXIT_USAGE
+        return EXIT_BUG
     return int(result or 0)
 
 

@@ -9,11 +9,13 @@ Rules:
 2. :func:`evaluate_task` runs the ordinary pipeline (:func:`graphopt.optimize`) on the
    calibration data, validates the result against the input model on the validation data with
    the validation engine, and records min cosine and min SNR over outputs, size on disk, build
-   time and the output's content hash. It never measures latency (parallel workers disturb each
-   other's timings; the caller measures serially). It never raises: a refused candidate (any
-   :class:`~graphopt.errors.GraphoptError`) becomes ``status="error"``; anything else becomes a
-   *transient* error that is not cached. The candidate model file is deleted afterwards unless
-   its min cosine reached ``keep_above``.
+   time and the output's content hash. An output's cosine (SNR) is the figure the gate judges:
+   the lower of its whole-tensor and its worst-channel cosine (SNR),
+   :attr:`graphopt.validate.Agreement.score`; the per-output record keeps both parts. It never
+   measures latency (parallel workers disturb each other's timings; the caller measures
+   serially). It never raises: a refused candidate (any :class:`~graphopt.errors.GraphoptError`)
+   becomes ``status="error"``; anything else becomes a *transient* error that is not cached.
+   The candidate model file is deleted afterwards unless its min cosine reached ``keep_above``.
 3. :class:`Executor` is the interface: ``submit`` a task, ``next_result`` blocks until one
    submitted task finishes and returns its evaluation, ``capacity`` says how many tasks are
    worth keeping in flight, ``pending`` how many are. Results may come back in any order; the
@@ -41,10 +43,13 @@ from collections import deque
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from graphopt.errors import GraphoptError
 from graphopt.tune_cache import Evaluation, external_data_files, model_content_hash
+
+if TYPE_CHECKING:
+    from graphopt.validate import Agreement
 
 logger = logging.getLogger(__name__)
 
@@ -118,11 +123,12 @@ def evaluate_task(task: EvaluationTask) -> Evaluation:
     if report.validation is not None:
         comparisons = report.validation.comparisons
         evaluation.outputs = {
-            f"{c.output} [{c.provider}]": {"cosine": c.cosine, "snr_db": c.snr_db}
-            for c in comparisons
+            f"{c.output} [{c.provider}]": _output_figures(c.agreement) for c in comparisons
         }
-        evaluation.min_cosine = min((c.cosine for c in comparisons), default=0.0)
-        evaluation.min_snr_db = min((c.snr_db for c in comparisons), default=-float("inf"))
+        evaluation.min_cosine = min((c.agreement.score for c in comparisons), default=0.0)
+        evaluation.min_snr_db = min(
+            (c.agreement.score_snr_db for c in comparisons), default=-float("inf")
+        )
         evaluation.problems = [
             f"{c.output} [{c.provider}]: {check.message}"
             for c in comparisons
@@ -138,6 +144,18 @@ def evaluate_task(task: EvaluationTask) -> Evaluation:
         remove_model(output)
     logger.debug("candidate %s evaluated in %.1fs", task.key, time.perf_counter() - started)
     return evaluation
+
+
+def _output_figures(agreement: Agreement) -> dict[str, float]:
+    """One output's record (rule 2): the gated figures first, then their parts."""
+    return {
+        "cosine": agreement.score,
+        "snr_db": agreement.score_snr_db,
+        "whole_cosine": agreement.cosine,
+        "whole_snr_db": agreement.snr_db,
+        "worst_channel_cosine": agreement.worst_channel_cosine,
+        "worst_channel_snr_db": agreement.worst_channel_snr_db,
+    }
 
 
 def _plain_options(options: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -3,13 +3,17 @@
 Rules:
 
 1. The numerical criteria are those of :mod:`graphopt.validate`, one check per output ×
-   provider × criterion.
+   provider × criterion. By default cosine and SNR are judged on the lower of the whole-tensor
+   and the worst-channel figure (``Criteria.per_channel``), so an output whose small-valued
+   channels collapsed next to large-valued ones fails, and the message names the channel.
 2. ``max_size_ratio`` compares file sizes (model plus external data): candidate / reference.
 3. ``max_latency_ratio`` compares median CPU latency measured interleaved in one run
    (:mod:`graphopt.latency`) on the first feed. Interleaving holds both sessions at once, so
    this criterion needs memory for both models; the numerical comparison holds one.
 4. The gate passes when every check passes. JUnit XML has one test case per check, so CI systems
-   show exactly which output, provider and criterion failed.
+   show exactly which output, provider and criterion failed; a case's text adds the check's
+   detail (whole-tensor and worst-channel figures side by side). The JSON report carries every
+   figure of every output, worst channel and its location included.
 """
 
 from __future__ import annotations
@@ -88,11 +92,12 @@ class GateReport:
             ElementTree.SubElement(properties, "property", name=key, value=value)
         for classname, name, check in cases:
             case = ElementTree.SubElement(suite, "testcase", classname=classname, name=name)
+            text = "\n".join(part for part in (check.message, check.detail) if part)
             if not check.passed:
                 failure = ElementTree.SubElement(case, "failure", message=check.message)
-                failure.text = check.message
+                failure.text = text
             else:
-                ElementTree.SubElement(case, "system-out").text = check.message
+                ElementTree.SubElement(case, "system-out").text = text
         ElementTree.indent(suites)
         return ElementTree.tostring(suites, encoding="unicode", xml_declaration=True) + "\n"
 

@@ -7,9 +7,11 @@ Rules:
 2. Both models are run with graph optimizations off and every matched tensor exposed as an extra
    output, on the first ``max_batches`` feeds only (all intermediate tensors of a batch are held
    at once, so this is a debugging tool, not a streaming one).
-3. Rows come back in the reference's node order, so the first row below the budget is where error
-   starts. Models with external data are re-pointed at their own data through a temporary file
-   beside them, removed afterwards.
+3. Each tensor is judged like an output (:mod:`graphopt.validate`: with per-channel criteria, the
+   worst channel counts too, and the row says which). Rows come back in the reference's node
+   order, so the first row below the budget is where error starts.
+4. Models with external data are re-pointed at their own data through a temporary file beside
+   them, removed afterwards.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import onnx
 
 from graphopt.data import Feeds
 from graphopt.ort import make_session
-from graphopt.validate import Criteria, MetricAccumulator, ModelSource
+from graphopt.validate import Criteria, MetricAccumulator, ModelSource, sample_count
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ class TensorComparison:
     max_abs: float
     new_nonfinite: int
     passed: bool
+    worst_channel_cosine: float = 1.0
+    worst_channel: str = ""
 
 
 def _load_proto(model: ModelSource) -> tuple[onnx.ModelProto, Path | None]:
@@ -113,10 +117,11 @@ def compare_tensors(
                 break
             ref_values = ref_session.run(names, feed)
             cand_values = cand_session.run(names, feed)
+            samples = sample_count(feed)
             for name, ref_value, cand_value in zip(names, ref_values, cand_values, strict=True):
                 ref_array, cand_array = np.asarray(ref_value), np.asarray(cand_value)
                 if ref_array.dtype.kind in "fc" or cand_array.dtype.kind in "fc":
-                    accumulators[name].add(ref_array, cand_array)
+                    accumulators[name].add(ref_array, cand_array, samples=samples)
     rows: list[TensorComparison] = []
     for name, op in matched:
         accumulator = accumulators[name]
@@ -135,6 +140,8 @@ def compare_tensors(
                 max_abs=result.max_abs,
                 new_nonfinite=new_nonfinite,
                 passed=result.passed,
+                worst_channel_cosine=result.worst_channel_cosine,
+                worst_channel=result.worst_channel,
             )
         )
     return rows

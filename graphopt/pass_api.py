@@ -87,6 +87,8 @@ class PassContext:
     scope: frozenset[str] | None = None
     progress: Callable[[str, int], None] | None = None
     """Called with a step label and a batch index during long data-driven steps (for the CLI)."""
+    providers: tuple[str, ...] = ("cpu",)
+    """Execution providers the result will be validated (and presumably deployed) on."""
 
     def report_progress(self, label: str, index: int) -> None:
         if self.progress is not None:

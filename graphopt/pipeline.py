@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 
 from graphopt.bisect import BisectReport, bisect_passes
-from graphopt.data import Feeds, input_specs, open_data, synthesize
+from graphopt.data import (
+    Feeds,
+    check_input_shapes,
+    input_specs,
+    open_data,
+    synthesize,
+    synthesize_runnable,
+)
 from graphopt.errors import InputError
 from graphopt.localize import TensorComparison, compare_tensors
 from graphopt.manager import PassManager, RunReport
@@ -104,6 +111,7 @@ def optimize(
     criteria: Criteria | None = None,
     batch_size: int | None = None,
     seed: int = 0,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
     per_tensor: bool = False,
     bisect: bool = False,
     on_event: EventHook | None = None,
@@ -130,11 +138,13 @@ def optimize(
         emit("opset", {"upgrade": upgrade, "description": upgrade.describe()})
     emit("normalized", {"stats": normalize_stats.as_dict()})
 
-    feeds = _feeds_for(model, data, batch_size, seed)
+    # synthesized data is probed on the input model only when something will run it
+    probe = validate or not all(item.exact for item in pass_objects)
+    feeds = _feeds_for(model, data, batch_size, seed, source, input_shapes, probe=probe)
     emit("data", {"description": feeds.description, "synthetic": feeds.synthetic})
     check_feeds = feeds
     if validation_data is not None:
-        check_feeds = _feeds_for(model, validation_data, batch_size, seed)
+        check_feeds = _feeds_for(model, validation_data, batch_size, seed, source, None)
         emit("validation-data", {"description": check_feeds.description})
 
     started = time.perf_counter()
@@ -142,6 +152,7 @@ def optimize(
         data=feeds,
         seed=seed,
         progress=lambda label, index: emit("progress", {"label": label, "index": index}),
+        providers=tuple(providers),
     )
     model, run_report = manager.run(model, context)
     timings["passes"] = time.perf_counter() - started
@@ -204,12 +215,28 @@ def default_criteria(planned: Sequence[Pass]) -> Criteria:
     )
 
 
-def _feeds_for(model: Model, data: DataSource | None, batch_size: int | None, seed: int) -> Feeds:
+def _feeds_for(
+    model: Model,
+    data: DataSource | None,
+    batch_size: int | None,
+    seed: int,
+    source: Path,
+    input_shapes: Mapping[str, Sequence[int]] | None,
+    *,
+    probe: bool = True,
+) -> Feeds:
+    """Real data checked up front, or synthesized data the input model can run (``probe``)."""
     specs = input_specs(model.graph)
     if data is None:
-        feeds = synthesize(model.graph, seed=seed)
+        if probe:
+            feeds = synthesize_runnable(model.graph, source, seed=seed, input_shapes=input_shapes)
+        else:
+            feeds = synthesize(model.graph, seed=seed, input_shapes=input_shapes)
         logger.warning("no calibration/validation data given: using %s", feeds.description)
         return feeds
+    if input_shapes:
+        check_input_shapes(specs, input_shapes)
+        logger.warning("--input-shapes only shapes synthesized data; ignored for the data given")
     feeds = open_data(data, specs, batch_size=batch_size)
     for _ in feeds:  # check every feed up front: bad data is an input error, not a late crash
         pass

@@ -2,12 +2,16 @@
 
 Rules:
 
-1. The bar gates one statistic: the smallest, over the model's outputs, of the validation
-   engine's cosine for that output (one cosine over all elements of all validation batches,
-   :attr:`graphopt.validate.OutputComparison.cosine`), measured against the input model on the
-   validation data (``data``; the calibration data when none is given, said loudly). A candidate
-   meets the bar when that statistic is at least ``min_cosine`` and it has no other failed
-   check (missing output, shape mismatch, new NaN/Inf, does not load or run).
+1. The bar gates one statistic, the figure the validation gate judges: the smallest, over the
+   model's outputs, of the lower of the output's whole-tensor cosine and its worst channel's
+   cosine (:attr:`graphopt.validate.Agreement.score`; channels are slices along the small axes,
+   :mod:`graphopt.validate` rule 3), each accumulated over all validation batches and measured
+   against the input model on the validation data (``data``; the calibration data when none is
+   given, said loudly). A candidate meets the bar when that statistic is at least
+   ``min_cosine`` and it has no other failed check (missing output, shape mismatch, new NaN/Inf,
+   does not load or run). Every other use of "cosine" below (closeness, predicted error,
+   fronts) means this statistic. The statistic's definition (:data:`GATED_STATISTIC`) is part
+   of every cache key, so results cached under another definition are never reused.
 2. Search space: exact passes among the requested ones (``cleanup``) are part of every
    candidate; each lossy pass has a few settings (:func:`pass_settings`: quant target cosine
    (how many harmful nodes are excluded back to float), fallback, calibrators, mode, backend;
@@ -43,6 +47,12 @@ Rules:
    the other objective, then to fewer lossy passes, then to the canonical text. The chosen
    model must improve the objective over the original (smaller, or latency ratio below 1);
    otherwise nothing is chosen.
+   fp16 on the CPU: with objective ``latency`` measured on the CPU provider (as
+   :data:`LATENCY_PROVIDER` is), a candidate that includes ``fp16`` is eligible only when its
+   latency ratio beats the best candidate meeting the bar without fp16 (or the original, 1.0,
+   when that is faster) by more than ``LATENCY_TIE``: ONNX Runtime's CPU provider runs most fp16
+   ops through casts, so fp16 must earn its place on measured speed and never wins a latency
+   tie on size. Each fp16 candidate left out is logged with its ratio and the one it had to beat.
 9. Outputs in the folder: ``best.onnx`` (only when something was chosen; a stale one is
    removed otherwise), ``recipe.json`` (``graphopt optimize --recipe`` reproduces best.onnx
    byte for byte with the same calibration data and seed), ``front.md``, ``front.json``,
@@ -68,7 +78,14 @@ from typing import Any
 import numpy as np
 
 from graphopt import __version__
-from graphopt.data import Feeds, InputSpec, input_specs, open_data
+from graphopt.data import (
+    Feeds,
+    InputSpec,
+    check_input_shapes,
+    input_specs,
+    open_data,
+    synthesize_runnable,
+)
 from graphopt.errors import InputError
 from graphopt.executor import (
     EvaluationTask,
@@ -112,6 +129,10 @@ SIZE_GAIN = 0.995
 LATENCY_GAIN = 0.98
 """A setting speeds the model up when its latency ratio is below this."""
 LATENCY_TIE = 0.02
+LATENCY_PROVIDER = "cpu"
+"""Where latency is measured (rule 6); rule 8's fp16 rule applies on the CPU provider."""
+GATED_STATISTIC = "min over outputs of min(whole-tensor cosine, worst-channel cosine)"
+"""Rule 1, as recorded in front.json and in every cache key."""
 
 
 # --- search space -------------------------------------------------------------------------------
@@ -374,10 +395,17 @@ def _tiebreak(trial: Trial) -> tuple[int, int, str]:
 
 
 def choose(
-    trials: Sequence[Trial], objective: str, min_cosine: float, original_bytes: int
+    trials: Sequence[Trial],
+    objective: str,
+    min_cosine: float,
+    original_bytes: int,
+    *,
+    latency_provider: str = LATENCY_PROVIDER,
 ) -> Trial | None:
     """Rule 8."""
     feasible = [t for t in trials if t.meets(min_cosine)]
+    if objective == "latency" and latency_provider == "cpu":
+        feasible = _without_slow_fp16(feasible)
     if objective == "size":
         better = [t for t in feasible if t.evaluation and t.evaluation.size_bytes < original_bytes]
         if not better:
@@ -403,6 +431,32 @@ def choose(
             *_tiebreak(t),
         ),
     )
+
+
+def _without_slow_fp16(feasible: Sequence[Trial]) -> list[Trial]:
+    """Rule 8, fp16 on the CPU: drop fp16 candidates not clearly faster than the best without."""
+    plain = [
+        t.latency_ratio
+        for t in feasible
+        if "fp16" not in t.candidate.passes and t.latency_ratio is not None
+    ]
+    to_beat = min([1.0, *plain])
+    kept = []
+    for trial in feasible:
+        ratio = trial.latency_ratio
+        if "fp16" in trial.candidate.passes and ratio is not None:
+            if ratio * (1.0 + LATENCY_TIE) >= to_beat:
+                logger.info(
+                    "not choosing %s: fp16 on the CPU provider is not measured faster "
+                    "(latency %.3f× vs %.3f× without fp16, tie margin %g)",
+                    trial.candidate.describe(),
+                    ratio,
+                    to_beat,
+                    LATENCY_TIE,
+                )
+                continue
+        kept.append(trial)
+    return kept
 
 
 # --- stage 2 -------------------------------------------------------------------------------------
@@ -512,7 +566,7 @@ class TuneResult:
             "out_dir": self.out_dir,
             "objective": self.objective,
             "min_cosine": self.min_cosine,
-            "gated_statistic": "min over outputs of the validation engine's per-output cosine",
+            "gated_statistic": GATED_STATISTIC,
             "original_bytes": self.original_bytes,
             "calibration_data": self.calibration_data,
             "validation_data": self.validation_data,
@@ -547,7 +601,7 @@ def tune(
     model: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     *,
-    calib_data: DataSource,
+    calib_data: DataSource | None = None,
     data: DataSource | None = None,
     objective: str = "size",
     min_cosine: float = 0.99,
@@ -559,11 +613,16 @@ def tune(
     executor: Executor | None = None,
     seed: int = 0,
     batch_size: int | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
     latency_runs: int = 20,
     on_event: EventHook | None = None,
 ) -> TuneResult:
     """Search, evaluate, choose and write the outputs (module rules). Raises InputError on bad
     input; returns a result whose ``chosen`` is None when nothing meets the bar.
+
+    Without ``calib_data`` the calibration data is synthesized (seeded, with a warning; its
+    shapes fixed by ``input_shapes`` where given, see :func:`graphopt.data.synthesize_runnable`)
+    and written to ``data/calibration`` in the output folder like any non-path source.
 
     ``workers``: processes for evaluation (default: :func:`graphopt.executor.default_workers`;
     0 evaluates in this process). ``executor`` overrides it (e.g. a distributed engine). Worker
@@ -573,8 +632,25 @@ def tune(
     started = time.perf_counter()
     emit = on_event or (lambda _kind, _info: None)
     _check_arguments(objective, min_cosine, budget, time_limit, workers, latency_runs)
-    inputs = _prepare(model, out_dir, calib_data, data, passes, options, min_cosine, batch_size)
-    context = {**inputs.hashes, "batch_size": batch_size, "seed": seed, "graphopt": __version__}
+    inputs = _prepare(
+        model,
+        out_dir,
+        calib_data,
+        data,
+        passes,
+        options,
+        min_cosine,
+        batch_size,
+        seed=seed,
+        input_shapes=input_shapes,
+    )
+    context = {
+        **inputs.hashes,
+        "batch_size": batch_size,
+        "seed": seed,
+        "graphopt": __version__,
+        "gated_statistic": GATED_STATISTIC,
+    }
     cache = TuneCache(inputs.folder)
     owned = executor is None
     if executor is None:
@@ -689,6 +765,9 @@ def _prepare(
     options: Mapping[str, Mapping[str, Any]] | None,
     min_cosine: float,
     batch_size: int | None,
+    *,
+    seed: int = 0,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> _Inputs:
     """Check every input before anything is written (bad input leaves no folder behind)."""
     source, folder = Path(model), Path(out_dir)
@@ -699,11 +778,20 @@ def _prepare(
     reference = load_model(source)
     infer_types(reference)
     specs = input_specs(reference.graph)
-    del reference
-    calib_feeds = _checked_feeds(calib_data, specs, batch_size)
+    if calib_data is not None and input_shapes:
+        check_input_shapes(specs, input_shapes)
+        logger.warning("input shapes only shape synthesized data; ignored for the data given")
     validation_feeds = None if data is None else _checked_feeds(data, specs, batch_size)
     names = list(dict.fromkeys(passes)) if passes else list(BUILTIN_PASSES)
     space = build_search_space(names, min_cosine, options or {})
+    if calib_data is None:
+        calib_feeds = synthesize_runnable(
+            reference.graph, source, seed=seed, input_shapes=input_shapes
+        )
+        logger.warning("no calibration data given: using %s", calib_feeds.description)
+    else:
+        calib_feeds = _checked_feeds(calib_data, specs, batch_size)
+    del reference
     try:
         (folder / "candidates").mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -1041,7 +1129,9 @@ class _Latency:
                 except InputError as error:
                     logger.warning("no latency for %s: %s", trial.candidate.describe(), error)
                     continue
-                measured = measure_latency(self.source, path, self.feed, runs=self.runs)
+                measured = measure_latency(
+                    self.source, path, self.feed, provider=LATENCY_PROVIDER, runs=self.runs
+                )
                 record = LatencyRecord(
                     ratio=measured.ratio,
                     reference_ms=measured.reference_ms,

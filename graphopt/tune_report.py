@@ -160,8 +160,8 @@ def front_markdown(result: TuneResult) -> str:
         f"# graphopt tune: {Path(result.input).name}",
         "",
         f"- objective: **{result.objective}**; bar: min cosine ≥ {result.min_cosine:g} (the "
-        "smallest, over outputs, of the validation engine's cosine of each output over all "
-        "validation elements)",
+        "smallest, over outputs, of the lower of each output's whole-tensor cosine and its "
+        "worst channel's cosine over all validation batches: the figure the gate judges)",
         f"- calibration data: {result.calibration_data}",
         f"- validation data: {validation}",
         f"- trials: {len(result.trials)} ({result.evaluated} evaluated, {result.cached} from "

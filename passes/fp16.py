@@ -43,6 +43,12 @@ BF16_TINY = float(ml_dtypes.finfo(ml_dtypes.bfloat16).smallest_subnormal)
 CONVERT_CHUNK = 1 << 22
 """Values converted per step (16 MiB of float32)."""
 
+CPU_NOTE = (
+    "validating on the CPU provider only: ONNX Runtime's CPU provider runs most fp16 ops "
+    "through Casts to float32, so the model is smaller but usually not faster there (measured "
+    "1.3-3x slower on a voice-activity detector); fp16 pays on GPUs (--providers cuda)"
+)
+"""Rule 13: what fp16 says when the run's providers are CPU only (issue 15.8)."""
 DEFAULT_MAX_ACTIVATION = 4096.0
 """Data-aware bound: 16× below float16's largest finite value (65504), headroom for inputs the
 calibration set did not cover. Measured on MiniLM (64 real sentences, 128 tokens, both exports):
@@ -357,6 +363,9 @@ class Fp16Pass(Pass):
         read, converted and written one at a time when the model is saved.
     12. Everything is linear in the number of nodes; names of new tensors and nodes are unique
         across all graphs and derived from the tensor they convert; the result is deterministic.
+    13. When the run's providers are CPU only, the pass says (warning and ``cpu_note`` stat)
+        that ONNX Runtime's CPU provider computes most fp16 ops through casts: smaller, usually
+        not faster. ``tune`` does not pick fp16 for latency on CPU unless measured faster.
     """
 
     name: ClassVar[str] = "fp16"
@@ -419,7 +428,11 @@ class Fp16Pass(Pass):
             logger.info("fp16: nothing to convert")
             return PassResult(model, False, run.stats())
         run.apply()
-        return PassResult(model, True, run.stats(), run.touched())
+        stats = run.stats()
+        if "cuda" not in context.providers:
+            stats["cpu_note"] = CPU_NOTE
+            logger.warning("fp16: %s", CPU_NOTE)
+        return PassResult(model, True, stats, run.touched())
 
     def _data_aware(self, context: PassContext) -> bool:
         mode = self.options["data_aware"]

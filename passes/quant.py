@@ -37,6 +37,7 @@ from graphopt.qdq import (
     quantize_weight,
 )
 from graphopt.selection import count_reasons, count_values, matches_any
+from graphopt.validate import Criteria, MetricAccumulator, sample_count
 
 logger = logging.getLogger(__name__)
 
@@ -143,8 +144,10 @@ class QuantPass(Pass):
     4. ``backend``: ``x86`` uses uint8 asymmetric activations, ``tensorrt`` int8 symmetric.
     5. Accuracy-driven mode (``target_cosine`` > 0, with real calibration data): the last quarter
        of the calibration batches is held aside; each candidate's harm is measured by quantizing
-       it alone; while the held-aside cosine of every output is below the target, the most harmful
-       remaining node goes back to float. Excluded nodes and their measured harm are reported.
+       it alone; while the held-aside score is below the target, the most harmful remaining
+       node goes back to float. The score is the validation gate's figure: over the outputs,
+       the lowest whole-tensor or worst-channel cosine (a detector's class-score rows count
+       even when its box rows dominate the tensor). Excluded nodes and their harm are reported.
     6. Smoothing moves activation outliers into the weights before calibration: per input
        channel the weight rows are multiplied by s and the activation divided by s, folded into
        the preceding LayerNormalization's scale and bias (into a copy of it when other nodes
@@ -1107,17 +1110,27 @@ class _Evaluator:
     def score(
         self, quant: QuantPass, plan: list[Candidate], ranges: dict[str, tuple[float, float]]
     ) -> float:
-        """The worst per-output cosine over the held-aside feeds with ``plan`` quantized."""
+        """The gate's figure with ``plan`` quantized: over the model's outputs, the lowest of
+        each output's whole-tensor and worst-channel cosine on all held-aside feeds
+        (:func:`graphopt.validate.agreement`), so a detector's collapsed score rows count."""
         variant = replace(self.model, graph=self.model.graph.copy())
         mapping = _node_map(variant.graph)
         moved = [_rebind(c, mapping) for c in plan]
         quant._apply(variant.graph, moved, ranges)
         outputs = self._outputs(variant)
-        worst = 1.0
-        for reference_batch, candidate_batch in zip(self.reference, outputs, strict=True):
-            for reference, candidate in zip(reference_batch, candidate_batch, strict=True):
-                worst = min(worst, _cosine(reference, candidate))
-        return worst
+        accumulators = [
+            MetricAccumulator(str(index), "cpu", Criteria(), seed=0)
+            for index in range(len(outputs[0]) if outputs else 0)
+        ]
+        for feed, reference_batch, candidate_batch in zip(
+            self.feeds, self.reference, outputs, strict=True
+        ):
+            samples = sample_count(feed)
+            for accumulator, reference, candidate in zip(
+                accumulators, reference_batch, candidate_batch, strict=True
+            ):
+                accumulator.add(np.asarray(reference), np.asarray(candidate), samples=samples)
+        return min((a.finish().agreement.score for a in accumulators), default=1.0)
 
 
 def _node_map(graph: gs.Graph) -> dict[str, tuple[gs.Node, gs.Graph | None]]:
@@ -1139,15 +1152,6 @@ def _rebind(candidate: Candidate, mapping: dict[str, tuple[gs.Node, gs.Graph | N
         activation=node.inputs[0],
         body=body,
     )
-
-
-def _cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
-    a = np.asarray(reference, np.float64).ravel()
-    b = np.asarray(candidate, np.float64).ravel()
-    denominator = float(np.linalg.norm(a) * np.linalg.norm(b))
-    if denominator == 0:
-        return 1.0 if not a.any() and not b.any() else 0.0
-    return float(a @ b) / denominator
 
 
 def _macs_per_sample(

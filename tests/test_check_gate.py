@@ -212,7 +212,7 @@ def test_bisect_finds_the_pass_and_the_node(
             "-o",
             "noise.loud=mm4",
             "--min-snr",
-            "40",
+            "35",  # worst channel SNR: quiet noise alone 38.3 dB, with loud mm4 31.6 dB
             "--bisect",
             "--report",
             str(report),

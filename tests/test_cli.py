@@ -226,7 +226,7 @@ def test_passes_lists_options_from_the_schema(capsys: pytest.CaptureFixture[str]
     code, stdout, _ = run_cli(["passes"], capsys)
     assert code == 0
     assert "cleanup (exact)" in stdout
-    assert "-o cleanup.max_growth_bytes=1048576" in stdout
+    assert "-o cleanup.max_growth_bytes=0 " in stdout
 
 
 def test_inspect(capsys: pytest.CaptureFixture[str]) -> None:
@@ -297,3 +297,88 @@ def test_sigterm_unwinds_like_ctrl_c(monkeypatch: pytest.MonkeyPatch) -> None:
     before = signal.getsignal(signal.SIGTERM)
     assert cli_module.main(["passes"]) == 130
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# --- exit codes and the logging flags on every subcommand (issue 15, item 6) ---------------------
+
+
+def _subcommands(tmp_path: Path) -> dict[str, list[str]]:
+    model = str(DIGITS_MODEL)
+    return {
+        "optimize": ["optimize", model, str(tmp_path / "o.onnx"), "--passes", "cleanup"],
+        "check": ["check", model, model, "--exact", "--data", str(DIGITS_DATA)],
+        "passes": ["passes"],
+        "inspect": ["inspect", model],
+    }
+
+
+@pytest.mark.parametrize("command", ["optimize", "check", "passes", "inspect"])
+@pytest.mark.parametrize("flag", ["--debug", "-v", "-vv", "--verbose"])
+def test_debug_and_verbose_are_accepted_after_every_subcommand(
+    command: str, flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The internal-error message points at --debug; it must exist where users type it."""
+    args = _subcommands(tmp_path)[command]
+    code, stdout, stderr = run_cli([*args, flag], capsys)
+    assert code == 0, stdout + stderr
+    assert "No such option" not in stderr
+
+
+def test_tune_accepts_debug_after_the_subcommand(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["tune", str(DIGITS_MODEL), "--calib-data", str(DIGITS_DATA), "--budget", "0"]
+    code, _, stderr = run_cli([*args, "--debug"], capsys)
+    assert code == 2 and "--budget" in stderr and "No such option" not in stderr
+
+
+def test_verbose_after_the_subcommand_sets_the_same_level_as_before_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import graphopt.cli as cli_module
+
+    args = _subcommands(tmp_path)["optimize"]
+    _, _, before = run_cli(["-v", *args], capsys)
+    _, _, after = run_cli([*args, "-v"], capsys)
+    _, _, quiet = run_cli(args, capsys)
+    assert "INFO graphopt" in before and "INFO graphopt" in after
+    assert "INFO" not in quiet
+    levels: list[tuple[int, bool]] = []
+    setup = cli_module._setup_logging
+
+    def recorded(verbose: int, debug: bool) -> None:
+        levels.append((verbose, debug))
+        setup(verbose, debug)
+
+    monkeypatch.setattr(cli_module, "_setup_logging", recorded)
+    assert run_cli(["-v", "passes", "-v", "--debug"], capsys)[0] == 0
+    assert levels[-1] == (2, True), "counts add up across the group and the subcommand"
+
+
+def test_an_unexpected_exception_exits_3_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import graphopt.cli as cli_module
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ZeroDivisionError("boom\nsecond line")
+
+    monkeypatch.setattr(cli_module, "optimize", broken)
+    args = _subcommands(tmp_path)["optimize"]
+    code, _, stderr = run_cli(args, capsys)
+    assert code == cli_module.EXIT_BUG == 3
+    assert stderr == (
+        "graphopt: internal error: ZeroDivisionError: boom — please report it; "
+        "rerun with --debug for the traceback\n"
+    )
+    code, _, stderr = run_cli([*args, "--debug"], capsys)
+    assert code == 3 and "Traceback" in stderr and "ZeroDivisionError" in stderr
+
+
+def test_debug_after_the_subcommand_shows_the_traceback_of_an_input_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    garbage = tmp_path / "g.onnx"
+    garbage.write_bytes(b"junk")
+    code, _, stderr = run_cli(["inspect", str(garbage), "--debug"], capsys)
+    assert code == 2 and "Traceback" in stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 import time
 from pathlib import Path
 
@@ -735,3 +736,22 @@ def test_lazy_weights_are_converted_once_when_saved(
     save_model(converted, tmp_path / "big16.onnx")
     assert before_save == 0  # the clamp count reads the source; nothing converts before save
     assert len(loads) == 1
+
+
+def test_cpu_only_runs_say_fp16_is_rarely_faster_there(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 15.8: on a voice-activity detector fp16 ran 1.3-3x slower on the CPU provider."""
+    import graphopt
+
+    source = tmp_path / "mlp.onnx"
+    onnx.save(relu_mlp(), str(source))
+    data = [{"x": np.ones((2, 4), np.float32)}]
+    with caplog.at_level(logging.WARNING, logger="passes.fp16"):
+        report = graphopt.optimize(source, tmp_path / "h.onnx", ["fp16"], data=data)
+    assert "fp16 ops through Casts" in report.run.records[0].stats["cpu_note"]
+    assert "fp16: validating on the CPU provider only" in caplog.text
+    context = PassContext(providers=("cpu", "cuda"))
+    model = model_from_proto(relu_mlp())
+    normalize(model)
+    assert "cpu_note" not in Fp16Pass()(model, context).stats

@@ -288,3 +288,51 @@ def test_recurrent_nodes_stay_float_with_a_logged_reason(
     assert report.run.records[0].stats["skipped"] == {
         "recurrent op: the standard domain has no quantized LSTM/GRU/RNN": 1
     }
+
+
+def _packed_head() -> onnx.ModelProto:
+    """A detector-style output: 4 large box columns next to 8 sigmoid score columns."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("MatMul", ["feat", "Wb"], ["boxes"], name="box_head"),
+        helper.make_node("MatMul", ["cls", "Ws"], ["logits"], name="score_head"),
+        helper.make_node("Sigmoid", ["logits"], ["scores"], name="sigmoid"),
+        helper.make_node("Concat", ["boxes", "scores"], ["out"], name="pack", axis=1),
+    ]
+    return make_model(
+        nodes,
+        [float_input("feat", ["n", 64]), float_input("cls", ["n", 64])],
+        [float_input("out", ["n", 12])],
+        [
+            numpy_helper.from_array((rng.standard_normal((64, 4)) * 30).astype(np.float32), "Wb"),
+            numpy_helper.from_array((rng.standard_normal((64, 8)) * 0.3).astype(np.float32), "Ws"),
+        ],
+    )
+
+
+def test_accuracy_loop_protects_small_channels_the_whole_tensor_hides(tmp_path: Path) -> None:
+    """Issue 15.2: the loop scores with the gate's worst-channel figure. The score columns'
+    input has one loud channel, so int8 blurs the scores while the whole-tensor cosine, ruled
+    by the box columns, stays at 0.9999: the old whole-tensor loop kept everything int8."""
+    source = tmp_path / "head.onnx"
+    onnx.save(_packed_head(), str(source))
+    rng = np.random.default_rng(1)
+    feat = rng.standard_normal((256, 64)).astype(np.float32)
+    cls = rng.standard_normal((256, 64)).astype(np.float32)
+    cls[:, 0] *= 300
+    data = [{"feat": feat[i : i + 16], "cls": cls[i : i + 16]} for i in range(0, 256, 16)]
+    blind = graphopt.optimize(
+        source,
+        tmp_path / "all.onnx",
+        ["quant"],
+        data=data,
+        options={"quant": {"min_macs": 0, "target_cosine": 0}},
+    )
+    comparison = blind.validation.comparisons[0]  # type: ignore[union-attr]
+    assert comparison.cosine > 0.9999 and comparison.worst_channel_cosine < 0.99
+    assert not blind.passed and comparison.worst_channel.startswith("axis 1 index ")
+    driven = graphopt.optimize(
+        source, tmp_path / "driven.onnx", ["quant"], data=data, options={"quant": {"min_macs": 0}}
+    )
+    assert list(driven.run.records[0].stats["excluded_for_accuracy"]) == ["score_head"]
+    assert driven.passed
