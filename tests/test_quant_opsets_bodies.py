@@ -336,3 +336,66 @@ def test_accuracy_loop_protects_small_channels_the_whole_tensor_hides(tmp_path: 
     )
     assert list(driven.run.records[0].stats["excluded_for_accuracy"]) == ["score_head"]
     assert driven.passed
+
+
+def _rapidocr_model(name: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("rapidocr-onnxruntime is not installed (pip install --no-deps it)")
+    path = Path(spec.submodule_search_locations[0]) / "models" / name
+    if not path.exists():
+        pytest.skip(f"{path} is missing")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [
+        ("ch_PP-OCRv4_det_infer.onnx", (1, 3, 96, 96)),
+        ("ch_ppocr_mobile_v2.0_cls_infer.onnx", (1, 3, 48, 192)),
+        ("ch_PP-OCRv4_rec_infer.onnx", (1, 3, 48, 160)),
+    ],
+)
+def test_paddle_ocr_models_quantize_to_valid_smaller_models(
+    tmp_path: Path, name: str, shape: tuple[int, ...]
+) -> None:
+    """Issue 15 done-when: Paddle2ONNX opset 11/12 OCR models through quant give valid, smaller
+    models (before: 'Unrecognized attribute: axis for operator DequantizeLinear')."""
+    source = _rapidocr_model(name)
+    report = graphopt.optimize(
+        source,
+        tmp_path / "q.onnx",
+        ["cleanup", "quant"],
+        input_shapes={"x": shape},
+        options={"quant": {"min_macs": 0}},
+        validate=False,
+    )
+    out = tmp_path / "q.onnx"
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    assert _opset(out) == 13 and report.opset is not None and report.opset["converted"]
+    stats = report.run.records[-1].stats
+    assert stats["quantized"] >= 10 and "per_tensor_weights" not in stats
+    assert report.output_bytes < 0.6 * report.input_bytes
+    x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+    (got,) = run_ort(out, {"x": x})[:1]
+    assert np.isfinite(got).all()
+
+
+def test_silero_vad_weights_inside_its_if_are_quantized(tmp_path: Path) -> None:
+    """The real model of issue 15.3: before, quant reported nothing to do."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("silero-vad is not installed (pip install --no-deps silero-vad==6.2.3)")
+    source = Path(spec.submodule_search_locations[0]) / "data" / "silero_vad.onnx"
+    report = graphopt.optimize(source, tmp_path / "q.onnx", ["cleanup", "quant"], validate=False)
+    stats = report.run.records[-1].stats
+    assert stats["in_control_flow_bodies"] == stats["quantized"] == 12  # 6 Conv1d per branch
+    assert stats["skipped"] == {
+        "recurrent op: the standard domain has no quantized LSTM/GRU/RNN": 4
+    }
+    assert report.output_bytes < 0.7 * report.input_bytes
+    onnx.checker.check_model(onnx.load(str(tmp_path / "q.onnx")), full_check=True)
