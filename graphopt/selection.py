@@ -31,3 +31,19 @@ def count_values(values: Iterable[str]) -> dict[str, int]:
 def count_reasons(reasons: Iterable[str]) -> dict[str, int]:
     """Skip reasons grouped by kind: details in parentheses are for the log, not the counts."""
     return count_values(reason.split(" (")[0] for reason in reasons)
+
+
+def body_labels(graph: gs.Graph) -> dict[int, str]:
+    """``id`` of every If/Loop/Scan body under ``graph`` → ``"<op> <node>.<attr>"`` (reports name
+    where a node inside a body lives)."""
+    labels: dict[int, str] = {}
+    pending = [graph]
+    while pending:
+        current = pending.pop()
+        for node in current.nodes:
+            for attr, value in node.attrs.items():
+                for sub in value if isinstance(value, list) else [value]:
+                    if isinstance(sub, gs.Graph):
+                        labels[id(sub)] = f"{node.op} {node_label(node)}.{attr}"
+                        pending.append(sub)
+    return labels

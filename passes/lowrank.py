@@ -29,7 +29,7 @@ from graphopt.model import Model, iter_graphs, weight_values
 from graphopt.options import Option
 from graphopt.pass_api import Budget, Pass, PassContext, PassResult, WeightClaims
 from graphopt.qdq import Namer
-from graphopt.selection import count_reasons, matches_any, node_label
+from graphopt.selection import body_labels, count_reasons, matches_any, node_label
 from graphopt.svd import (
     Spectrum,
     break_even_rank,
@@ -677,21 +677,6 @@ def _layer_stats(decision: Decision) -> dict[str, Any]:
     if homes:
         entry["subgraphs"] = homes
     return entry
-
-
-def body_labels(graph: gs.Graph) -> dict[int, str]:
-    """Rule 8: ``id`` of every If/Loop/Scan body under ``graph`` → ``"<op> <node>.<attr>"``."""
-    labels: dict[int, str] = {}
-    pending = [graph]
-    while pending:
-        current = pending.pop()
-        for node in current.nodes:
-            for attr, value in node.attrs.items():
-                for sub in value if isinstance(value, list) else [value]:
-                    if isinstance(sub, gs.Graph):
-                        labels[id(sub)] = f"{node.op} {node_label(node)}.{attr}"
-                        pending.append(sub)
-    return labels
 
 
 def _where(body: str | None) -> str:

@@ -35,7 +35,7 @@ from graphopt.model import Model, iter_graphs, replace_values, set_weight, weigh
 from graphopt.options import Option
 from graphopt.pass_api import Budget, Pass, PassContext, PassResult
 from graphopt.qdq import Namer
-from graphopt.selection import count_values, matches_any, node_label
+from graphopt.selection import body_labels, count_values, matches_any, node_label
 
 logger = logging.getLogger(__name__)
 
@@ -381,21 +381,6 @@ class Report:
         """`` in <body>`` for a node inside an If/Loop/Scan body, else an empty string."""
         body = self.bodies.get(name)
         return f" in {body}" if body is not None else ""
-
-
-def body_labels(graph: gs.Graph) -> dict[int, str]:
-    """Rule 10: ``id`` of every If/Loop/Scan body under ``graph`` → ``"<op> <node>.<attr>"``."""
-    labels: dict[int, str] = {}
-    pending = [graph]
-    while pending:
-        current = pending.pop()
-        for node in current.nodes:
-            for attr, value in node.attrs.items():
-                for sub in value if isinstance(value, list) else [value]:
-                    if isinstance(sub, gs.Graph):
-                        labels[id(sub)] = f"{node.op} {node_label(node)}.{attr}"
-                        pending.append(sub)
-    return labels
 
 
 def _is_standard(node: gs.Node) -> bool:

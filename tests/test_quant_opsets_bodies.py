@@ -96,15 +96,25 @@ def test_old_opsets_are_upgraded_for_per_channel_weights(tmp_path: Path, opset: 
     assert sha256_of(source) == before
 
 
-def test_converter_failure_falls_back_to_per_tensor_weights(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+def _old_model_without_converter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, opset: int, complaint: str
+) -> Path:
+    """The conv MLP saved at ``opset``, with onnx's version converter failing as it does when
+    it has no adapter for some op."""
+
     def no_adapter(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
-        raise RuntimeError("adapter_lookup: Assertion `false` failed: No Adapter For Conv")
+        raise RuntimeError(f"adapter_lookup: Assertion `false` failed: {complaint}")
 
     monkeypatch.setattr("graphopt.opset.version_converter.convert_version", no_adapter)
     source = tmp_path / "old.onnx"
-    onnx.save(_conv_mlp(12), str(source))
+    onnx.save(_conv_mlp(opset), str(source))
+    return source
+
+
+def test_converter_failure_falls_back_to_per_tensor_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = _old_model_without_converter(tmp_path, monkeypatch, 12, "No Adapter For Conv")
     with caplog.at_level(logging.WARNING):
         report = graphopt.optimize(
             source,
@@ -128,12 +138,9 @@ def test_converter_failure_falls_back_to_per_tensor_weights(
 def test_below_opset_10_without_an_upgrade_quant_refuses_with_the_reason(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def no_adapter(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
-        raise RuntimeError("No Adapter From Version $9 for Upsample")
-
-    monkeypatch.setattr("graphopt.opset.version_converter.convert_version", no_adapter)
-    source = tmp_path / "old.onnx"
-    onnx.save(_conv_mlp(9), str(source))
+    source = _old_model_without_converter(
+        tmp_path, monkeypatch, 9, "No Adapter From Version $9 for Upsample"
+    )
     with pytest.raises(InputError, match=r"opset ≥ 10 .* opset 9 .*Upsample"):
         graphopt.optimize(source, tmp_path / "q.onnx", ["quant"], data=_data())
     assert not (tmp_path / "q.onnx").exists()
