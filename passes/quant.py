@@ -791,9 +791,14 @@ class QuantPass(Pass):
                     params = activation_params(*ranges[data.name], symmetric=symmetric)
                     dequantized[id(data)] = fake_quantize(graph, namer, data, params)
                 replace_input(node, data, dequantized[id(data)])
+            readers = [r for r in tensor.outputs if r.op != "QuantizeLinear"]
             if id(tensor) not in dequantized:
                 params = activation_params(*ranges[tensor.name], symmetric=symmetric)
                 dequantized[id(tensor)] = fake_quantize(graph, namer, tensor, params)
+            # every reader takes the dequantized side (a Shape too), so the chain node's
+            # only consumer is its QuantizeLinear and ONNX Runtime can fuse it
+            for reader in readers:
+                replace_input(reader, tensor, dequantized[id(tensor)])
 
     def _quantize_bias(
         self,

@@ -55,10 +55,15 @@ def _yolo_like() -> onnx.ModelProto:
     nodes.append(helper.make_node("Concat", ["s2", "pool"], ["cat"], name="concat", axis=1))
     nodes += _silu("a3", "c3_out", "s3")
     nodes.append(helper.make_node("Sigmoid", ["c4_out"], ["y"], name="scores"))
+    # a C2f-style chunk reads its input's shape: Shape must not keep a2_mul out of the chain
+    nodes.append(helper.make_node("Shape", ["s2"], ["s2_shape"], name="s2_shape"))
     return make_model(
         nodes,
         [float_input("x", ["n", 3, 32, 32])],
-        [float_input("y", ["n", 2, 32, 32])],
+        [
+            float_input("y", ["n", 2, 32, 32]),
+            helper.make_tensor_value_info("s2_shape", onnx.TensorProto.INT64, [4]),
+        ],
         initializers,
     )
 
@@ -97,6 +102,13 @@ def test_silu_concat_and_maxpool_stay_integer_between_quantized_convs(tmp_path: 
     assert without["QLinearSigmoid"] == without["QLinearMul"] == without["QLinearConcat"] == 0
     # the decode tail (Sigmoid → graph output) stays float: no Q/DQ on the output
     graph = onnx.load(str(tmp_path / "chain.onnx")).graph
+    readers = collections.defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            readers[name].append(node.op_type)
+    for node in graph.node:  # a chain node's only reader is its QuantizeLinear (fusable)
+        if node.name in ("a2_sigmoid", "a2_mul", "a3_sigmoid", "a3_mul", "concat"):
+            assert readers[node.output[0]] == ["QuantizeLinear"], node.name
     (producer,) = [n for n in graph.node if "y" in n.output]
     assert producer.op_type == "Sigmoid"
 
