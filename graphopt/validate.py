@@ -16,9 +16,12 @@ Rules:
 
    a. A channel axis is an axis whose size is between :data:`CHANNEL_AXIS_MIN` and
       :data:`CHANNEL_AXIS_MAX` (2 and 256): ``[1, 84, 8400]`` has one (axis 1), ``[B, 10]``
-      logits have axis 1. Axis 0 is the samples axis and never a channel axis when its size is
-      the batch's sample count (the leading size of the first batched input) or, where that is
-      unknown, when the output has two or more axes.
+      logits have axis 1. A rank-4 output is an image-like map: only its channel axis
+      counts (axis 1, NCHW, or axis 3 when that one is smaller, NHWC), never its rows and
+      columns: a segmentation or text-probability map's rows are not channels, and a
+      mostly-empty row's cosine is noise. Axis 0 is the samples axis and never a channel axis
+      when its size is the batch's sample count (the leading size of the first batched input)
+      or, where that is unknown, when the output has two or more axes.
    b. Sizes may differ between batches: sums are kept per index and grow as needed; an axis
       counts in the batches where it is a channel axis.
    c. A channel is judged once it holds :data:`MIN_CHANNEL_ELEMENTS` finite elements (a slice of
@@ -292,6 +295,9 @@ def channel_axes(shape: Sequence[int], samples: int | None) -> list[int]:
         if axis == 0 and (size == samples if samples is not None else len(shape) >= 2):
             continue
         axes.append(axis)
+    if len(shape) == 4:  # an image-like map: its spatial rows and columns are not channels
+        channels = 1 if shape[1] <= shape[3] else 3
+        axes = [axis for axis in axes if axis in (0, channels)]
     return axes
 
 

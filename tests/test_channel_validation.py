@@ -174,7 +174,8 @@ def test_channel_axes_rule() -> None:
     assert channel_axes((4, 10), samples=4) == [1]  # axis 0 is the batch
     assert channel_axes((4, 10), samples=None) == [1]  # unknown count: axis 0 of rank ≥ 2
     assert channel_axes((2, 1, 128), samples=1) == [0, 2]  # a stacked state, not a batch
-    assert channel_axes((1, 3, CHANNEL_AXIS_MAX, CHANNEL_AXIS_MAX + 1), samples=1) == [1, 2]
+    assert channel_axes((1, 3, CHANNEL_AXIS_MAX + 1), samples=1) == [1]
+    assert channel_axes((1, 3, 7, CHANNEL_AXIS_MAX), samples=1) == [1]  # rank 4: a map
     assert channel_axes((300,), samples=None) == []
 
 
