@@ -51,7 +51,7 @@ DYNAMIC_OPSET = 11
 """The first opset with DynamicQuantizeLinear."""
 RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
 CHAIN_COMPUTE_OPS = frozenset(
-    {"Sigmoid", "LeakyRelu", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool"}
+    {"Sigmoid", "LeakyRelu", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Softmax"}
 )
 """Rule 15: ops ONNX Runtime runs on uint8/int8 (QLinearSigmoid, QLinearMul, QLinearConcat …)
 when every data input and the output are Q/DQ'd; the output gets its own calibrated range."""
