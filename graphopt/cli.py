@@ -41,7 +41,7 @@ from graphopt.data import (
     parse_input_shapes,
     synthesize_runnable,
 )
-from graphopt.errors import GraphoptError, InputError
+from graphopt.errors import GraphoptError, InputError, PassError
 from graphopt.gate import run_gate
 from graphopt.localize import TensorComparison, compare_tensors, first_divergence
 from graphopt.model import load_model
@@ -858,6 +858,16 @@ def _run(args: list[str], debug: bool) -> int:
             hint = f" (see '{error.ctx.command_path} --help')"
         click.echo(f"graphopt: error: {message}{hint}", err=True)
         return EXIT_USAGE
+    except PassError as error:  # a pass crashed or left an invalid graph: a bug, not the input
+        if debug:
+            traceback.print_exc()
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        click.echo(
+            f"graphopt: internal error: {reason} — please report it; "
+            "rerun with --debug for the traceback",
+            err=True,
+        )
+        return EXIT_BUG
     except GraphoptError as error:
         if debug:
             traceback.print_exc()

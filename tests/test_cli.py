@@ -382,3 +382,23 @@ def test_debug_after_the_subcommand_shows_the_traceback_of_an_input_error(
     garbage.write_bytes(b"junk")
     code, _, stderr = run_cli(["inspect", str(garbage), "--debug"], capsys)
     assert code == 2 and "Traceback" in stderr
+
+
+def test_a_pass_that_crashes_is_a_bug_exit_3(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15.6: an exception inside a pass is graphopt's bug, not the user's input (it was
+    wrapped as PassError, a GraphoptError, and exited 2)."""
+    from passes.cleanup import CleanupPass
+
+    def broken(self: object, model: object, context: object) -> None:
+        raise NameError("name 'body_labels' is not defined")
+
+    monkeypatch.setattr(CleanupPass, "call", broken)
+    args = _subcommands(tmp_path)["optimize"]
+    code, _, stderr = run_cli(args, capsys)
+    assert code == 3
+    last = stderr.strip().splitlines()[-1]  # after the synthetic-data warning
+    assert last.startswith("graphopt: internal error: pass 'cleanup' failed after []: NameError")
+    assert "please report it" in last and "Traceback" not in stderr
+    assert not (tmp_path / "o.onnx").exists()
