@@ -78,6 +78,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.errors import DataError, InputError
+from graphopt.ort import make_session, quiet_run_options
 
 logger = logging.getLogger(__name__)
 
@@ -628,7 +629,7 @@ def synthesize_runnable(
             continue
         tried.append(shapes)
         try:
-            session.run(None, feed, _quiet_run())
+            session.run(None, feed, quiet_run_options())
         except Exception as error:  # any ONNX Runtime failure: try larger sizes
             error_text = _first_line(error)
             logger.info(
@@ -651,13 +652,8 @@ def synthesize_runnable(
 
 def _probe_session(path: Path) -> Any:
     """A quiet CPU session on the original model, or None (logged) when it cannot be opened."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return make_session(path, optimize=False, quiet=True)
     except Exception as error:  # the probe is advisory: later stages report the real problem
         logger.warning(
             "cannot open %s in ONNX Runtime to check the synthesized shapes (%s); "
@@ -666,14 +662,6 @@ def _probe_session(path: Path) -> Any:
             _first_line(error),
         )
         return None
-
-
-def _quiet_run() -> Any:
-    import onnxruntime as ort
-
-    options = ort.RunOptions()
-    options.log_severity_level = 4
-    return options
 
 
 def _first_line(error: BaseException) -> str:

@@ -782,19 +782,23 @@ class QuantPass(Pass):
         """Rule 15: Q/DQ on the data inputs and the output of every chain node (the chain was
         found before the candidates' own Q/DQ went in)."""
         symmetric = self.options["backend"] == "tensorrt"
-        for tensor, _source in chain:
-            node = tensor.inputs[0]
-            for data in list(_data_inputs(node)):
-                if id(data) in {id(v) for v in dequantized.values()}:
-                    continue  # already the dequantized side (a Conv output's readers)
-                if id(data) not in dequantized:
-                    params = activation_params(*ranges[data.name], symmetric=symmetric)
-                    dequantized[id(data)] = fake_quantize(graph, namer, data, params)
-                replace_input(node, data, dequantized[id(data)])
-            readers = [r for r in tensor.outputs if r.op != "QuantizeLinear"]
+        dequantized_sides = {id(v) for v in dequantized.values()}
+
+        def dequantized_of(tensor: gs.Tensor) -> gs.Variable:
             if id(tensor) not in dequantized:
                 params = activation_params(*ranges[tensor.name], symmetric=symmetric)
                 dequantized[id(tensor)] = fake_quantize(graph, namer, tensor, params)
+                dequantized_sides.add(id(dequantized[id(tensor)]))
+            return dequantized[id(tensor)]
+
+        for tensor, _source in chain:
+            node = tensor.inputs[0]
+            for data in list(_data_inputs(node)):
+                if id(data) in dequantized_sides:
+                    continue  # already the dequantized side (a Conv output's readers)
+                replace_input(node, data, dequantized_of(data))
+            readers = [r for r in tensor.outputs if r.op != "QuantizeLinear"]
+            dequantized_of(tensor)
             # every reader takes the dequantized side (a Shape too), so the chain node's
             # only consumer is its QuantizeLinear and ONNX Runtime can fuse it
             for reader in readers:
@@ -1317,7 +1321,7 @@ def integer_chain(
     inputs and the output must also have calibrated ranges. Only chains from which some static
     candidate's input can be reached through chain nodes are kept. Sorts ``graph`` (exact).
     """
-    static = [c for c in candidates if c.body is None and c.scheme == "static"]
+    static = _static_main(candidates)
     targets = {id(t) for c in static for t in c.activations}
     chain = _forward_chain(graph, static, ranges)
     useful = set(targets)
@@ -1335,10 +1339,19 @@ def integer_chain(
 def integer_region(graph: gs.Graph, candidates: list[Candidate]) -> set[int]:
     """Ids of the tensors rule 15 would keep integer around ``candidates``: their quantized
     inputs and Conv outputs and every chain output reachable from them (unpruned)."""
-    static = [c for c in candidates if c.body is None and c.scheme == "static"]
-    region = {id(t) for c in static for t in c.activations}
-    region |= {id(t) for c in static if (t := _conv_output_tensor(c)) is not None}
-    return region | {id(tensor) for tensor, _ in _forward_chain(graph, static, None)}
+    static = _static_main(candidates)
+    return _seeds(static) | {id(tensor) for tensor, _ in _forward_chain(graph, static, None)}
+
+
+def _static_main(candidates: list[Candidate]) -> list[Candidate]:
+    """The candidates rule 15 builds on: statically quantized, in the main graph."""
+    return [c for c in candidates if c.body is None and c.scheme == "static"]
+
+
+def _seeds(static: list[Candidate]) -> set[int]:
+    """Ids of the tensors those candidates Q/DQ themselves: their inputs and Conv outputs."""
+    seeds = {id(t) for c in static for t in c.activations}
+    return seeds | {id(t) for c in static if (t := _conv_output_tensor(c)) is not None}
 
 
 def _forward_chain(
@@ -1349,8 +1362,7 @@ def _forward_chain(
     """Chain nodes whose data inputs are all quantized, in graph order (rule 15, before
     pruning); sorts ``graph`` (exact)."""
     graph.toposort(recurse_subgraphs=False)
-    quantized = {id(t) for c in static for t in c.activations}
-    quantized |= {id(t) for c in static if (t := _conv_output_tensor(c)) is not None}
+    quantized = _seeds(static)
     outputs = {id(t) for t in graph.outputs}
 
     def ready(tensor: gs.Tensor) -> bool:
