@@ -86,6 +86,14 @@ def _fmt(value: float | None, digits: int = 6) -> str:
     return f"{value:.{digits}f}" if abs(value) < 1e4 else f"{value:.3g}"
 
 
+_STATUS_LABELS = {"passed": "PASS", "failed": "FAIL", "error": "ERROR"}
+"""How a comparison's status reads in tables: ERROR when the comparison could not happen."""
+
+
+def _sci(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2e}"
+
+
 LOGGER_NAMES = ("graphopt", "passes")
 
 
@@ -211,18 +219,22 @@ def _print_validation(validation: ValidationReport) -> None:
                 _fmt(c.worst_channel_cosine) if c.worst_channel else "-",
                 c.worst_channel or "-",
                 _fmt(c.snr_db, 1),
-                f"{c.max_abs:.2e}",
-                f"{c.median_abs:.2e}",
+                _sci(c.max_abs),
+                _sci(c.median_abs),
                 _fmt(c.top1, 4),
                 str(c.nan_candidate + c.inf_candidate),
-                "PASS" if c.passed else "FAIL",
+                _STATUS_LABELS[c.status],
             ]
         )
     headers = ["output", "ep", "cosine", "worst_ch_cosine", "worst_channel", "snr_db"]
     headers += ["max_abs", "median_abs", "top1", "nan/inf", ""]
     click.echo(_table(headers, rows))
-    for failure in validation.failures():
-        click.echo(f"  FAIL {failure}")
+    for comparison in validation.comparisons:
+        if comparison.status != "passed":
+            click.echo(
+                f"  {_STATUS_LABELS[comparison.status]} {comparison.output} "
+                f"[{comparison.provider}]: {comparison.reason}"
+            )
     for provider, placement in validation.placement.items():
         counts = ", ".join(f"{ep}: {len(nodes)}" for ep, nodes in placement.items())
         click.echo(f"placement on {provider}: {counts}")
@@ -243,7 +255,7 @@ def _print_per_tensor(rows: Sequence[TensorComparison]) -> None:
             _fmt(row.worst_channel_cosine) if row.worst_channel else "-",
             row.worst_channel or "-",
             _fmt(row.snr_db, 1),
-            f"{row.max_abs:.2e}",
+            _sci(row.max_abs),
             "ok" if row.passed else "FAIL",
         ]
         for row in rows

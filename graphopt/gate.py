@@ -13,11 +13,18 @@ Rules:
 4. The gate passes when every check passes. JUnit XML has one test case per check, so CI systems
    show exactly which output, provider and criterion failed; a case's text adds the check's
    detail (whole-tensor and worst-channel figures side by side). The JSON report carries every
-   figure of every output, worst channel and its location included.
+   figure of every output, worst channel and its location included, and each comparison's
+   ``status`` ("passed", "failed", "error") and ``reason``.
+5. A check that could not be made (:mod:`graphopt.validate` rule 8: the candidate does not
+   load or run, lacks an output, runs on another provider; latency not measured) is a JUnit
+   ``<error>``, a check that was made and missed a ``<failure>``; the suite's ``tests``,
+   ``failures`` and ``errors`` count them. Neither shows a figure it does not have: an output
+   that was not compared has no cosine or SNR (null in JSON).
 """
 
 from __future__ import annotations
 
+import os
 import xml.etree.ElementTree as ElementTree
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,7 +72,7 @@ class GateReport:
         )
 
     def to_junit(self) -> str:
-        """Rule 4: one ``<testcase>`` per check; failures carry the message."""
+        """Rules 4 and 5: one ``<testcase>`` per check; failures and errors carry the message."""
         cases: list[tuple[str, str, Check]] = []
         for comparison in self.validation.comparisons:
             for check in comparison.checks:
@@ -73,15 +80,12 @@ class GateReport:
                 cases.append((classname, check.criterion, check))
         for check in self.model_checks:
             cases.append(("graphopt.check.model", check.criterion, check))
-        failures = sum(1 for _, _, check in cases if not check.passed)
-        suites = ElementTree.Element("testsuites", tests=str(len(cases)), failures=str(failures))
+        errors = sum(1 for _, _, check in cases if check.error)
+        failures = sum(1 for _, _, check in cases if not check.passed and not check.error)
+        counts = {"tests": str(len(cases)), "failures": str(failures), "errors": str(errors)}
+        suites = ElementTree.Element("testsuites", counts)
         suite = ElementTree.SubElement(
-            suites,
-            "testsuite",
-            name=f"graphopt check {Path(self.candidate).name}",
-            tests=str(len(cases)),
-            failures=str(failures),
-            errors="0",
+            suites, "testsuite", {"name": f"graphopt check {Path(self.candidate).name}", **counts}
         )
         properties = ElementTree.SubElement(suite, "properties")
         for key, value in (
@@ -94,8 +98,11 @@ class GateReport:
             case = ElementTree.SubElement(suite, "testcase", classname=classname, name=name)
             text = "\n".join(part for part in (check.message, check.detail) if part)
             if not check.passed:
-                failure = ElementTree.SubElement(case, "failure", message=check.message)
-                failure.text = text
+                kind = "error" if check.error else "failure"
+                finding = ElementTree.SubElement(
+                    case, kind, message=check.message, type=check.criterion
+                )
+                finding.text = text
             else:
                 ElementTree.SubElement(case, "system-out").text = text
         ElementTree.indent(suites)
@@ -112,9 +119,14 @@ def run_gate(
     max_size_ratio: float | None = None,
     max_latency_ratio: float | None = None,
     latency_runs: int = 20,
+    tmp_dir: str | os.PathLike[str] | None = None,
 ) -> GateReport:
-    """Run every check of the module rules."""
-    validation = compare_models(reference, candidate, feeds, providers=providers, criteria=criteria)
+    """Run every check of the module rules; ``tmp_dir`` holds the reference outputs while the
+    candidate runs (:func:`graphopt.validate.compare_models`; None: the system's temporary
+    folder)."""
+    validation = compare_models(
+        reference, candidate, feeds, providers=providers, criteria=criteria, tmp_dir=tmp_dir
+    )
     report = GateReport(
         reference=str(reference),
         candidate=str(candidate),
@@ -156,6 +168,11 @@ def run_gate(
         )
     elif max_latency_ratio is not None:
         report.model_checks.append(
-            Check("latency_ratio", False, "latency not measured: the candidate does not run")
+            Check(
+                "latency_ratio",
+                False,
+                "latency not measured: the candidate does not run",
+                error=True,
+            )
         )
     return report

@@ -38,12 +38,13 @@ logger = logging.getLogger(__name__)
 class TensorComparison:
     name: str
     op: str
-    cosine: float
-    snr_db: float
-    max_abs: float
+    cosine: float | None
+    """None when the figures could not be computed (new NaN/Inf, a shape change)."""
+    snr_db: float | None
+    max_abs: float | None
     new_nonfinite: int
     passed: bool
-    worst_channel_cosine: float = 1.0
+    worst_channel_cosine: float | None = 1.0
     worst_channel: str = ""
 
 
@@ -128,9 +129,7 @@ def compare_tensors(
         if not accumulator.result.elements:
             continue
         result = accumulator.finish()
-        new_nonfinite = max(result.nan_candidate - result.nan_reference, 0) + max(
-            result.inf_candidate - result.inf_reference, 0
-        )
+        new_nonfinite = result.new_nan + result.new_inf  # counted position by position
         rows.append(
             TensorComparison(
                 name=name,

@@ -38,14 +38,35 @@ Rules:
    ``per_channel`` (the default) the cosine and SNR checks judge the lower of the whole-tensor
    and the worst-channel figure, and the message names the channel when it is the channel's;
    ``per_channel=False`` judges the whole tensor only. A candidate that produces NaN or Inf where
-   the reference does not always fails.
+   the reference does not (position by position: the same count elsewhere is no excuse) always
+   fails, and its cosine and SNR are not judged (rule 8).
 5. :func:`agreement` scores one output pair with the figure the gate uses (rules 3 and 4), for
    code that searches (quant's accuracy loop, tune).
 6. The library returns a typed :class:`ValidationReport`; it never prints.
 7. One model is in memory at a time: the reference runs over every batch first and its outputs
    go to temporary files (memory-mapped back), then it is freed and the candidate runs. Peak
    memory is the larger model plus one batch, so a multi-GB model can be checked against its
-   optimized version on a machine that could not hold both.
+   optimized version on a machine that could not hold both. The temporary files go in a
+   ``graphopt-validate-*`` folder under ``tmp_dir`` (default: the system's temporary folder,
+   ``TMPDIR`` honoured), removed afterwards.
+8. A comparison that did not happen never reads as a pass. Each :class:`OutputComparison` has a
+   ``status``:
+
+   - ``"error"``: no comparison was made. The candidate does not load or fails to run, lacks the
+     output, or a session asked for on a provider (``cuda``) does not have it among its
+     ``get_providers()`` (ONNX Runtime silently falls back to the CPU when CUDA cannot start).
+     Its check is marked ``error`` (a JUnit ``<error>``).
+   - ``"failed"``: the candidate ran but misses a criterion: a shape mismatch, NaN/Inf values
+     the reference does not have, string outputs that differ, or a metric below its budget.
+   - ``"passed"``: every check passed.
+
+   ``reason`` joins the failed checks' messages. Every error figure (cosine, SNR, max/median
+   absolute and relative error, the worst channel's, top-1/top-5) is None unless every element
+   was compared: after an error, a shape mismatch, on non-numeric outputs, and where the
+   candidate has new NaN/Inf values. In that last case the figures over the finite positions
+   are the detail of the ``finite`` check, and cosine and SNR are not judged. Search code that
+   needs a number (:attr:`OutputComparison.agreement`) reads such a comparison as the worst
+   agreement (cosine -1, SNR -inf), or as perfect when it passed (equal string outputs).
 """
 
 from __future__ import annotations
@@ -64,7 +85,7 @@ import onnx
 
 from graphopt.data import Feeds
 from graphopt.errors import InputError
-from graphopt.ort import make_session, node_placement
+from graphopt.ort import PROVIDER_NAMES, make_session, node_placement
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +140,13 @@ class Check:
     threshold: float | None = None
     detail: str = ""
     """More context for reports (e.g. whole-tensor and worst-channel figures side by side)."""
+    error: bool = False
+    """The check could not be made (rule 8): the candidate does not load or run, lacks the
+    output, or runs on another provider. Never passed; JUnit shows it as an ``<error>``."""
+
+
+ERROR_CRITERIA = ("loads", "runs", "present", "provider")
+"""Criteria whose failure means the comparison did not happen (rule 8)."""
 
 
 @dataclass(frozen=True)
@@ -150,22 +178,28 @@ class OutputComparison:
     output: str
     provider: str
     elements: int = 0
-    cosine: float = 1.0
-    snr_db: float = math.inf
-    max_abs: float = 0.0
-    median_abs: float = 0.0
-    max_rel: float = 0.0
+    cosine: float | None = None
+    """Whole-tensor cosine; None when not every element was compared (rule 8), as for every
+    figure below."""
+    snr_db: float | None = None
+    max_abs: float | None = None
+    median_abs: float | None = None
+    max_rel: float | None = None
     not_close: int = 0
     nan_reference: int = 0
     nan_candidate: int = 0
     inf_reference: int = 0
     inf_candidate: int = 0
+    new_nan: int = 0
+    """Positions where the candidate is NaN and the reference is not (rule 4)."""
+    new_inf: int = 0
+    """Positions where the candidate is ±Inf and the reference is not the same Inf (rule 4)."""
     top1: float | None = None
     top5: float | None = None
-    worst_channel_cosine: float = 1.0
+    worst_channel_cosine: float | None = None
     worst_channel: str = ""
     """Where the worst channel cosine is (``"axis 1 index 17"``); empty when no channel judged."""
-    worst_channel_snr_db: float = math.inf
+    worst_channel_snr_db: float | None = None
     worst_snr_channel: str = ""
     """Where the worst channel SNR is; empty when no channel judged."""
     channel_axes: list[int] = field(default_factory=list)
@@ -177,15 +211,23 @@ class OutputComparison:
 
     @property
     def agreement(self) -> Agreement:
-        """The figures of rule 5 for this output."""
+        """The figures of rule 5 for this output. Without figures (rule 8): perfect agreement
+        when the comparison passed (equal string outputs), else the worst (cosine -1, SNR
+        -inf)."""
+        if self.cosine is None or self.snr_db is None:
+            if self.passed:
+                return Agreement(1.0, math.inf, 1.0, "", math.inf, 1.0, math.inf)
+            return Agreement(-1.0, -math.inf, -1.0, "", -math.inf, -1.0, -math.inf)
+        channel_cosine = 1.0 if self.worst_channel_cosine is None else self.worst_channel_cosine
+        channel_snr = math.inf if self.worst_channel_snr_db is None else self.worst_channel_snr_db
         return Agreement(
             cosine=self.cosine,
             snr_db=self.snr_db,
-            worst_channel_cosine=self.worst_channel_cosine,
+            worst_channel_cosine=channel_cosine,
             worst_channel=self.worst_channel,
-            worst_channel_snr_db=self.worst_channel_snr_db,
-            score=min(self.cosine, self.worst_channel_cosine),
-            score_snr_db=min(self.snr_db, self.worst_channel_snr_db),
+            worst_channel_snr_db=channel_snr,
+            score=min(self.cosine, channel_cosine),
+            score_snr_db=min(self.snr_db, channel_snr),
         )
 
     @property
@@ -196,10 +238,24 @@ class OutputComparison:
     def passed(self) -> bool:
         return all(check.passed for check in self.checks)
 
+    @property
+    def status(self) -> str:
+        """Rule 8: ``"error"``, ``"failed"`` or ``"passed"``."""
+        if any(check.error for check in self.checks):
+            return "error"
+        return "passed" if self.passed else "failed"
+
+    @property
+    def reason(self) -> str:
+        """Rule 8: why the comparison is not a pass (the failed checks' messages); empty when
+        it passed."""
+        return "; ".join(self.failures)
+
     def fail(self, criterion: str, message: str) -> None:
-        """Record a structural failure (missing output, shape mismatch, load or run error)."""
+        """Record a structural failure: a shape mismatch, or (``criterion`` in
+        :data:`ERROR_CRITERIA`) a comparison that did not happen (rule 8)."""
         if not any(c.criterion == criterion and c.message == message for c in self.checks):
-            self.checks.append(Check(criterion, False, message))
+            self.checks.append(Check(criterion, False, message, error=criterion in ERROR_CRITERIA))
 
 
 @dataclass
@@ -227,7 +283,10 @@ class ValidationReport:
         ]
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, and per comparison its ``status`` and ``reason`` (rule 8)."""
         result = json_safe(asdict(self))
+        for row, comparison in zip(result["comparisons"], self.comparisons, strict=True):
+            row["status"], row["reason"] = comparison.status, comparison.reason
         result["passed"] = self.passed
         return result
 
@@ -311,6 +370,11 @@ class MetricAccumulator:
         self.ref_sq = 0.0
         self.cand_sq = 0.0
         self.err_sq = 0.0
+        self.max_abs = 0.0
+        self.max_rel = 0.0
+        self.finite = 0
+        """Elements finite on both sides: those the figures are computed over."""
+        self.non_numeric = False
         self.channels: dict[int, _ChannelSums] = {}
         self.abs_samples: list[np.ndarray] = []
         self.sampled = 0
@@ -337,6 +401,7 @@ class MetricAccumulator:
             if finding not in result.findings:
                 result.findings.append(finding)
         if reference.dtype.kind not in "fiub" or candidate.dtype.kind not in "fiub":
+            self.non_numeric = True
             equal = np.array_equal(reference, candidate)
             result.elements += reference.size
             result.not_close += 0 if equal else reference.size
@@ -388,17 +453,20 @@ class MetricAccumulator:
         result.nan_candidate += int(np.isnan(cand).sum())
         result.inf_reference += int(np.isinf(ref).sum())
         result.inf_candidate += int(np.isinf(cand).sum())
+        result.new_nan += int((np.isnan(cand) & ~np.isnan(ref)).sum())
+        result.new_inf += int((np.isinf(cand) & (cand != ref)).sum())
         finite = np.isfinite(ref) & np.isfinite(cand)
         ref_f, cand_f = ref[finite], cand[finite]
+        self.finite += ref_f.size
         diff = np.abs(ref_f - cand_f)
         self.dot += float(ref_f @ cand_f)
         self.ref_sq += float(ref_f @ ref_f)
         self.cand_sq += float(cand_f @ cand_f)
         self.err_sq += float(diff @ diff)
         if diff.size:
-            result.max_abs = max(result.max_abs, float(diff.max()))
+            self.max_abs = max(self.max_abs, float(diff.max()))
             rel = diff / np.maximum(np.abs(ref_f), _NEAR_ZERO)
-            result.max_rel = max(result.max_rel, float(rel.max()))
+            self.max_rel = max(self.max_rel, float(rel.max()))
         tolerance = self.criteria.atol + self.criteria.rtol * np.abs(ref_f)
         result.not_close += int((diff > tolerance).sum())
         mismatched_nonfinite = ~finite & ~((np.isnan(ref) & np.isnan(cand)) | (ref == cand))
@@ -426,6 +494,30 @@ class MetricAccumulator:
         self.rows += ref_rows.shape[0]
 
     def finish(self) -> OutputComparison:
+        """The figures and the checks (rules 3, 4 and 8)."""
+        result = self.result
+        if result.checks:  # an error or a shape mismatch while adding: nothing to judge on
+            return result
+        if self.non_numeric:
+            differ = result.not_close
+            message = (
+                f"{differ} of {result.elements} elements differ"
+                if differ
+                else f"all {result.elements} elements equal"
+            )
+            result.checks.append(Check("equal", differ == 0, message, float(differ), 0.0))
+            return result
+        self._set_figures()
+        self._finish_channels()
+        if result.new_nan or result.new_inf:
+            self._fail_non_finite()
+            return result
+        result.checks.append(Check("finite", True, "no new NaN/Inf", 0.0, 0.0))
+        self._judge()
+        return result
+
+    def _set_figures(self) -> None:
+        """Rule 2's whole-tensor figures, over the positions finite on both sides."""
         result = self.result
         denominator = math.sqrt(self.ref_sq) * math.sqrt(self.cand_sq)
         if denominator > 0:
@@ -438,14 +530,43 @@ class MetricAccumulator:
             result.snr_db = (
                 10.0 * math.log10(self.ref_sq / self.err_sq) if self.ref_sq > 0 else -math.inf
             )
-        if self.abs_samples:
-            result.median_abs = float(np.median(np.concatenate(self.abs_samples)))
+        else:
+            result.snr_db = math.inf
+        result.max_abs, result.max_rel = self.max_abs, self.max_rel
+        result.median_abs = (
+            float(np.median(np.concatenate(self.abs_samples))) if self.abs_samples else 0.0
+        )
         if self.rows:
             result.top1 = self.top1_hits / self.rows
             result.top5 = self.top5_hits / self.rows
-        self._finish_channels()
-        self._judge()
-        return result
+
+    def _fail_non_finite(self) -> None:
+        """Rules 4 and 8: new NaN/Inf fail; the figures over the finite positions become the
+        check's detail, not figures of the output, and cosine and SNR are not judged."""
+        result = self.result
+        problems = []
+        if result.new_nan:
+            problems.append(f"{result.new_nan} NaN values the reference does not have")
+        if result.new_inf:
+            problems.append(f"{result.new_inf} Inf values the reference does not have")
+        detail = f"over the {self.finite} finite positions only: " + _figures_detail(
+            result, self.criteria.per_channel
+        )
+        result.checks.append(
+            Check(
+                "finite",
+                False,
+                "; ".join(problems),
+                float(result.new_nan + result.new_inf),
+                0.0,
+                detail,
+            )
+        )
+        result.cosine = result.snr_db = None
+        result.max_abs = result.median_abs = result.max_rel = None
+        result.top1 = result.top5 = None
+        result.worst_channel_cosine = result.worst_channel_snr_db = None
+        result.worst_channel = result.worst_snr_channel = ""
 
     def _finish_channels(self) -> None:
         """Rule 3d: the worst channel cosine and SNR over every channel axis, and where."""
@@ -456,32 +577,17 @@ class MetricAccumulator:
             if not judged.size:
                 continue
             worst = int(np.argmin(cosine))
-            if not result.worst_channel or cosine[worst] < result.worst_channel_cosine:
+            if result.worst_channel_cosine is None or cosine[worst] < result.worst_channel_cosine:
                 result.worst_channel_cosine = float(cosine[worst])
                 result.worst_channel = f"axis {axis} index {int(judged[worst])}"
             worst = int(np.argmin(snr))
-            if not result.worst_snr_channel or snr[worst] < result.worst_channel_snr_db:
+            if result.worst_channel_snr_db is None or snr[worst] < result.worst_channel_snr_db:
                 result.worst_channel_snr_db = float(snr[worst])
                 result.worst_snr_channel = f"axis {axis} index {int(judged[worst])}"
 
     def _judge(self) -> None:
+        """Rule 4 on an output whose every element was compared."""
         result, criteria = self.result, self.criteria
-        new_nan = result.nan_candidate - result.nan_reference
-        new_inf = result.inf_candidate - result.inf_reference
-        problems = []
-        if new_nan > 0:
-            problems.append(f"{new_nan} NaN values the reference does not have")
-        if new_inf > 0:
-            problems.append(f"{new_inf} Inf values the reference does not have")
-        result.checks.append(
-            Check(
-                "finite",
-                not problems,
-                "; ".join(problems) or "no new NaN/Inf",
-                float(max(new_nan, 0) + max(new_inf, 0)),
-                0.0,
-            )
-        )
         if criteria.exact:
             result.checks.append(
                 Check(
@@ -489,19 +595,21 @@ class MetricAccumulator:
                     result.not_close == 0,
                     f"{result.not_close} of {result.elements} elements differ by more than "
                     f"atol {criteria.atol:g} + rtol {criteria.rtol:g}·|ref| "
-                    f"(max abs {result.max_abs:.3g})",
+                    f"(max abs {self.max_abs:.3g})",
                     float(result.not_close),
                     0.0,
                 )
             )
             return
+        assert result.cosine is not None and result.snr_db is not None  # set by _set_figures
         cosine, cosine_at = result.cosine, ""
         snr, snr_at = result.snr_db, ""
         if criteria.per_channel:
-            if result.worst_channel and result.worst_channel_cosine < cosine:
-                cosine, cosine_at = result.worst_channel_cosine, result.worst_channel
-            if result.worst_snr_channel and result.worst_channel_snr_db < snr:
-                snr, snr_at = result.worst_channel_snr_db, result.worst_snr_channel
+            channel_cosine, channel_snr = result.worst_channel_cosine, result.worst_channel_snr_db
+            if channel_cosine is not None and channel_cosine < cosine:
+                cosine, cosine_at = channel_cosine, result.worst_channel
+            if channel_snr is not None and channel_snr < snr:
+                snr, snr_at = channel_snr, result.worst_snr_channel
         detail = _figures_detail(result, criteria.per_channel)
         result.checks.append(
             _at_least(
@@ -603,19 +711,55 @@ class _ReferenceOutputs:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        self.objects: set[tuple[int, int]] = set()
+        """(batch, position) of outputs held as Python objects (strings): not memory-mapped."""
 
     def save(self, batch: int, outputs: Sequence[np.ndarray]) -> None:
         for position, value in enumerate(outputs):
-            np.save(self.folder / f"{batch}_{position}.npy", np.asarray(value))
+            array = np.asarray(value)
+            if array.dtype.hasobject:
+                self.objects.add((batch, position))
+            np.save(self.folder / f"{batch}_{position}.npy", array)
 
     def load(self, batch: int, positions: Sequence[int]) -> list[np.ndarray]:
-        return [np.load(self.folder / f"{batch}_{p}.npy", mmap_mode="r") for p in positions]
+        return [self._load(batch, position) for position in positions]
+
+    def _load(self, batch: int, position: int) -> np.ndarray:
+        path = self.folder / f"{batch}_{position}.npy"
+        if (batch, position) in self.objects:  # a file this object wrote, in its own folder
+            return np.load(path, allow_pickle=True)
+        return np.load(path, mmap_mode="r")
+
+
+def _provider_problem(session: Any, provider: str, which: str) -> str | None:
+    """Rule 8: why ``session`` (the ``which`` model's) does not run on ``provider``, or None."""
+    wanted = PROVIDER_NAMES[provider]
+    actual = list(session.get_providers())
+    if wanted in actual:
+        return None
+    return f"{wanted} requested but the {which} session runs on {', '.join(actual)} only"
+
+
+def _errors(
+    names: Sequence[str], provider: str, criterion: str, message: str
+) -> list[OutputComparison]:
+    """Rule 8: one errored comparison per output name."""
+    rows = []
+    for name in names:
+        row = OutputComparison(output=name, provider=provider)
+        row.fail(criterion, message)
+        rows.append(row)
+    return rows
 
 
 def _run_reference(
     reference: ModelSource, provider: str, feeds: Feeds, stored: _ReferenceOutputs
-) -> list[str]:
-    """Run the reference over every batch, store its outputs, free it; returns output names."""
+) -> tuple[list[str], str | None]:
+    """Run the reference over every batch, store its outputs, free it.
+
+    Returns the output names, and why it did not run on ``provider`` (rule 8), if so; then
+    nothing ran.
+    """
     try:
         session = make_session(reference, provider, optimize=False)
     except Exception as error:  # onnxruntime's own exception types
@@ -623,7 +767,8 @@ def _run_reference(
             f"the reference model does not load in onnxruntime ({provider}): {_first_line(error)}"
         ) from error
     names = [o.name for o in session.get_outputs()]
-    for batch_index, feed in enumerate(feeds):
+    problem = _provider_problem(session, provider, "reference")
+    for batch_index, feed in enumerate([] if problem else feeds):
         try:
             outputs = session.run(names, feed)
         except Exception as error:
@@ -634,7 +779,86 @@ def _run_reference(
         stored.save(batch_index, outputs)
         del outputs
     del session
-    return names
+    return names, problem
+
+
+def _temporary_folder(tmp_dir: str | os.PathLike[str] | None) -> tempfile.TemporaryDirectory[str]:
+    """Rule 7's folder for the reference outputs, under ``tmp_dir`` (None: the system's)."""
+    try:
+        return tempfile.TemporaryDirectory(prefix="graphopt-validate-", dir=tmp_dir)
+    except OSError as error:
+        where = tempfile.gettempdir() if tmp_dir is None else os.fspath(tmp_dir)
+        raise InputError(
+            f"cannot create a temporary folder in '{where}': {error.strerror or error}"
+        ) from error
+
+
+@dataclass
+class _ProviderRun:
+    """What one provider's comparison gives back to :func:`compare_models`."""
+
+    comparisons: list[OutputComparison]
+    samples: int = 0
+    candidate_ran: bool = False
+
+
+def _compare_on(
+    reference: ModelSource,
+    candidate: ModelSource,
+    feeds: Feeds,
+    provider: str,
+    criteria: Criteria,
+    stored: _ReferenceOutputs,
+    on_batch: Callable[[int], None] | None,
+    seed: int,
+) -> _ProviderRun:
+    """Both models on one provider, the reference's outputs kept in ``stored`` (rules 1, 7, 8)."""
+    ref_names, problem = _run_reference(reference, provider, feeds, stored)
+    if problem:
+        return _ProviderRun(_errors(ref_names, provider, "provider", problem))
+    try:
+        cand_session = make_session(candidate, provider, optimize=False)
+    except Exception as error:  # onnxruntime's own exception types
+        message = f"candidate does not load in onnxruntime: {_first_line(error)}"
+        return _ProviderRun(_errors(ref_names, provider, "loads", message))
+    problem = _provider_problem(cand_session, provider, "candidate")
+    if problem:
+        return _ProviderRun(_errors(ref_names, provider, "provider", problem))
+    cand_names = {o.name for o in cand_session.get_outputs()}
+    common = [name for name in ref_names if name in cand_names]
+    positions = [ref_names.index(name) for name in common]
+    accumulators = {name: MetricAccumulator(name, provider, criteria, seed) for name in common}
+    run = _ProviderRun([], candidate_ran=bool(common))
+    for batch_index, feed in enumerate(feeds if common else []):
+        try:
+            cand_out = cand_session.run(common, feed)
+        except Exception as error:
+            for name in common:
+                accumulators[name].result.fail(
+                    "runs", f"candidate fails to run: {_first_line(error)}"
+                )
+            run.candidate_ran = False
+            break
+        ref_out = stored.load(batch_index, positions)
+        batch_samples = sample_count(feed)
+        for name, ref_value, cand_value in zip(common, ref_out, cand_out, strict=True):
+            accumulators[name].add(
+                np.asarray(ref_value), np.asarray(cand_value), samples=batch_samples
+            )
+        del ref_out, cand_out
+        first = next(iter(feed.values()))
+        run.samples += int(first.shape[0]) if first.ndim else 1
+        if on_batch is not None:
+            on_batch(batch_index)
+    del cand_session
+    for name in ref_names:
+        if name in accumulators:
+            run.comparisons.append(accumulators[name].finish())
+        else:
+            run.comparisons += _errors(
+                [name], provider, "present", "output missing from the candidate"
+            )
+    return run
 
 
 def compare_models(
@@ -646,64 +870,33 @@ def compare_models(
     criteria: Criteria | None = None,
     on_batch: Callable[[int], None] | None = None,
     seed: int = 0,
+    tmp_dir: str | os.PathLike[str] | None = None,
 ) -> ValidationReport:
-    """Run both models on ``feeds`` on each provider and judge the candidate (module rules)."""
+    """Run both models on ``feeds`` on each provider and judge the candidate (module rules).
+
+    ``tmp_dir``: where the reference outputs' temporary folder goes (rule 7); None for the
+    system's temporary folder. A folder that cannot be created there is an InputError.
+    """
     criteria = criteria or Criteria()
     comparisons: list[OutputComparison] = []
     placement: dict[str, dict[str, list[str]]] = {}
     samples = 0
     for provider in providers:
-        with tempfile.TemporaryDirectory(prefix="graphopt-validate-") as folder:
-            stored = _ReferenceOutputs(Path(folder))
-            ref_names = _run_reference(reference, provider, feeds, stored)
-            try:
-                cand_session = make_session(candidate, provider, optimize=False)
-            except Exception as error:  # onnxruntime's own exception types
-                for name in ref_names:
-                    broken = OutputComparison(output=name, provider=provider)
-                    broken.fail(
-                        "loads", f"candidate does not load in onnxruntime: {_first_line(error)}"
-                    )
-                    comparisons.append(broken)
-                continue
-            cand_names = {o.name for o in cand_session.get_outputs()}
-            common = [name for name in ref_names if name in cand_names]
-            positions = [ref_names.index(name) for name in common]
-            accumulators = {
-                name: MetricAccumulator(name, provider, criteria, seed) for name in common
-            }
-            provider_samples = 0
-            for batch_index, feed in enumerate(feeds if common else []):
-                try:
-                    cand_out = cand_session.run(common, feed)
-                except Exception as error:
-                    for name in common:
-                        accumulators[name].result.fail(
-                            "runs", f"candidate fails to run: {_first_line(error)}"
-                        )
-                    break
-                ref_out = stored.load(batch_index, positions)
-                batch_samples = sample_count(feed)
-                for name, ref_value, cand_value in zip(common, ref_out, cand_out, strict=True):
-                    accumulators[name].add(
-                        np.asarray(ref_value), np.asarray(cand_value), samples=batch_samples
-                    )
-                del ref_out, cand_out
-                first = next(iter(feed.values()))
-                provider_samples += int(first.shape[0]) if first.ndim else 1
-                if on_batch is not None:
-                    on_batch(batch_index)
-            del cand_session
-        samples = max(samples, provider_samples)
-        if provider != "cpu" and common:
+        with _temporary_folder(tmp_dir) as folder:
+            run = _compare_on(
+                reference,
+                candidate,
+                feeds,
+                provider,
+                criteria,
+                _ReferenceOutputs(Path(folder)),
+                on_batch,
+                seed,
+            )
+        comparisons += run.comparisons
+        samples = max(samples, run.samples)
+        if provider != "cpu" and run.candidate_ran:
             placement[provider] = node_placement(candidate, provider, next(iter(feeds)))
-        for name in ref_names:
-            if name in accumulators:
-                comparisons.append(accumulators[name].finish())
-            else:
-                missing = OutputComparison(output=name, provider=provider)
-                missing.fail("present", "output missing from the candidate")
-                comparisons.append(missing)
     return ValidationReport(
         data=feeds.description,
         synthetic=feeds.synthetic,

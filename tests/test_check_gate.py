@@ -239,3 +239,44 @@ def test_node_placement_reports_providers() -> None:
     placement = node_placement(DIGITS_MODEL, "cpu", feed)
     assert list(placement) == ["CPUExecutionProvider"]
     assert placement["CPUExecutionProvider"]
+
+
+def test_check_unloadable_candidate_is_an_error_not_a_pass(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 16: an output that was not compared has no figures and is a JUnit <error>."""
+    reference, candidate = tmp_path / "ref.onnx", tmp_path / "custom.onnx"
+    onnx.save(_chain(2), str(reference))
+    custom = _chain(2)
+    custom.graph.node[-1].op_type, custom.graph.node[-1].domain = "Frobnicate", "com.example"
+    custom.opset_import.append(helper.make_opsetid("com.example", 1))
+    onnx.save(custom, str(candidate))
+    junit, report = tmp_path / "check.xml", tmp_path / "check.json"
+    code, stdout, _ = run_cli(
+        ["check", str(reference), str(candidate), "--junit", str(junit), "--json", str(report)],
+        capsys,
+    )
+    assert code == 1 and "check: FAILED" in stdout
+    (row,) = json.loads(report.read_text())["validation"]["comparisons"]
+    assert row["status"] == "error" and "does not load in onnxruntime" in row["reason"]
+    assert row["cosine"] is None and row["snr_db"] is None
+    suite = ElementTree.parse(junit).getroot().find("testsuite")
+    assert suite is not None
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("1", "0", "1")
+    (case,) = suite.iter("testcase")
+    error = case.find("error")
+    assert error is not None and "does not load in onnxruntime" in error.get("message", "")
+
+
+def test_check_per_tensor_with_nan_candidate_does_not_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reference, candidate = tmp_path / "ref.onnx", tmp_path / "nan.onnx"
+    onnx.save(_chain(2), str(reference))
+    nan = _chain(2)
+    nan.graph.node[1].op_type = "Sqrt"  # NaN where the first MatMul is negative
+    onnx.save(nan, str(candidate))
+    code, stdout, _ = run_cli(["check", str(reference), str(candidate), "--per-tensor"], capsys)
+    assert code == 1, stdout
+    assert "NaN values the reference does not have" in stdout
+    assert "error starts at 'a0'" in stdout
