@@ -14,6 +14,16 @@ another kind (float vs int vs bool), a wrong rank or a wrong static dimension is
 the same kind are cast (float64 → float32). One-shot iterables and readers are read once and kept
 (inputs only), so that calibration and validation can both iterate.
 
+NaN or infinite values in a float input (after that cast, so float64 values beyond float16's range
+count) are not an error, but each :class:`Feeds` warns once per input name, with the count and
+where: for an ``.npz`` file the count over the whole array, when the file is opened; otherwise
+the first feed that holds any (the file of a folder, the position in an iterable).
+
+An ``.npz`` file must be a zip archive of ``.npy`` arrays without Python objects; anything else
+(a text file, a truncated download, a single ``.npy``) is a :class:`~graphopt.errors.DataError`
+saying so. The arrays of an ``.npz`` file (rule 1) are checked before batching, so that a rank or
+dimension error shows the array's shape as stored (axis 0 = samples) beside the model's.
+
 Batches of an ``.npz`` file (:func:`open_data`):
 
 5. A model has a *static batch* when every input of rank ≥ 1 has a static leading dimension; the
@@ -69,6 +79,7 @@ import logging
 import os
 import re
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +135,8 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 _MASK_WORDS = ("mask",)
 _ZERO_WORDS = ("token_type", "segment")
 _ERROR_CHARS = 240
+_ZIP_STARTS = (b"PK\x03\x04", b"PK\x05\x06")
+"""How a zip archive with members, or an empty one, begins (what numpy.load looks for)."""
 _ORT_NOISE = (
     re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : "),
     re.compile(r"\S*onnxruntime_src/\S+:\d+ "),
@@ -164,7 +177,12 @@ def _dim(value: object) -> int | str | None:
 
 
 class Feeds:
-    """A re-iterable, validated sequence of feed dicts, with a description of where it came from."""
+    """A re-iterable, validated sequence of feed dicts, with a description of where it came from.
+
+    ``labels`` name each feed in warnings (a folder's files); by default a feed is named by the
+    description and its position. ``warned`` holds the inputs already warned about non-finite
+    values (module rules); it is shared with :meth:`subset`.
+    """
 
     def __init__(
         self,
@@ -173,30 +191,61 @@ class Feeds:
         description: str,
         *,
         synthetic: bool = False,
+        labels: Sequence[str] | None = None,
+        warned: set[str] | None = None,
     ) -> None:
         self._factory = factory
         self._specs = {spec.name: spec for spec in specs}
         self.description = description
         self.synthetic = synthetic
+        self._labels: Sequence[str] | None = labels
+        # inputs already warned about non-finite values (shared with subsets); a caller that
+        # checked every value itself (a whole .npz file) passes every input name
+        self._warned: set[str] = set() if warned is None else warned
+        self._scanned = False  # a full iteration looked at every value
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        for feed in self._factory():
-            yield check_feed(feed, self._specs, self.description)
+        scan = not self._scanned
+        for index, feed in enumerate(self._factory()):
+            checked = check_feed(feed, self._specs, self.description)
+            if scan:
+                self._warn_non_finite(index, checked)
+            yield checked
+        self._scanned = True
+
+    def _warn_non_finite(self, index: int, feed: Mapping[str, np.ndarray]) -> None:
+        """Module rule on non-finite values: once per input name, at its first feed."""
+        for name, array in feed.items():
+            if name in self._warned:
+                continue
+            count = _count_non_finite(array)
+            if count:
+                self._warned.add(name)
+                _log_non_finite(self._feed_label(index), name, count, array)
+
+    def _feed_label(self, index: int) -> str:
+        if self._labels is not None and index < len(self._labels):
+            return self._labels[index]
+        return f"{self.description}, feed {index}"
 
     def subset(self, indices: range) -> Feeds:
         """The feeds at ``indices`` (batch positions), e.g. to hold some aside for checking."""
         wanted = set(indices)
+        positions = sorted(index for index in wanted if index >= 0)
 
         def factory() -> Iterator[Mapping[str, Any]]:
             for index, feed in enumerate(self._factory()):
                 if index in wanted:
                     yield feed
 
+        description = f"{self.description} [batches {indices.start}–{indices.stop - 1}]"
         return Feeds(
             factory,
             list(self._specs.values()),
-            f"{self.description} [batches {indices.start}–{indices.stop - 1}]",
+            description,
             synthetic=self.synthetic,
+            labels=[self._feed_label(index) for index in positions],
+            warned=self._warned,
         )
 
     def count_samples(self) -> int:
@@ -246,9 +295,32 @@ def check_feed(
                         f"{origin}: input '{name}' expects {_show_shape(spec.shape)}, got "
                         f"{list(array.shape)} (axis {axis})"
                     )
-        # (ascontiguousarray alone would turn a 0-d scalar into shape [1])
-        checked[name] = np.ascontiguousarray(array, dtype=spec.dtype).reshape(array.shape)
+        # (ascontiguousarray alone would turn a 0-d scalar into shape [1]); values beyond the
+        # target's range become inf, which Feeds reports (module rules), so numpy need not
+        with np.errstate(over="ignore"):
+            cast = np.ascontiguousarray(array, dtype=spec.dtype)
+        checked[name] = cast.reshape(array.shape)
     return checked
+
+
+def _count_non_finite(array: np.ndarray) -> int:
+    """NaN and infinite values in a float or complex array (0 for other kinds)."""
+    if array.dtype.kind not in "fc":
+        return 0
+    return int(array.size - np.count_nonzero(np.isfinite(array)))
+
+
+def _log_non_finite(where: str, name: str, count: int, array: np.ndarray) -> None:
+    logger.warning(
+        "%s: input '%s' holds %d NaN or infinite value%s (of %d, as %s); calibration and "
+        "validation use them as they are",
+        where,
+        name,
+        count,
+        "" if count == 1 else "s",
+        array.size,
+        array.dtype,
+    )
 
 
 def _show_shape(shape: tuple[int | str | None, ...]) -> str:
@@ -268,7 +340,7 @@ def open_data(
             return _folder_feeds(path, specs)
         if path.is_file():
             return _npz_feeds(path, specs, batch_size)
-        raise DataError(f"data path {path} does not exist")
+        raise DataError(_missing_path_message(path))
     if hasattr(source, "get_next"):
         return Feeds(_cached(_reader_items(source)), specs, f"{type(source).__name__} reader")
     if isinstance(source, Iterable) and not isinstance(source, (bytes, Mapping)):
@@ -277,6 +349,18 @@ def open_data(
         f"unsupported data source {type(source).__name__}: give an .npz file, a folder of .npz, "
         "an iterable of feed dicts or a CalibrationDataReader"
     )
+
+
+def _missing_path_message(path: Path) -> str:
+    """A data path that is neither a file nor a folder: name a file standing in for a folder."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"data path {path}: {parent} is a file, not a folder"
+            break
+    if path.exists():
+        return f"data path {path} is neither a file nor a folder"
+    return f"data path {path} does not exist"
 
 
 def _reader_items(reader: Any) -> Iterator[Mapping[str, Any]]:
@@ -302,11 +386,50 @@ def _cached(items: Iterator[Mapping[str, Any]]) -> Any:
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file; anything but a zip of plain ``.npy`` arrays is an error."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(8)
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error.strerror or error}") from error
+    if not head.startswith(_ZIP_STARTS) or not zipfile.is_zipfile(path):
+        raise DataError(
+            f"{path} is not a .npz archive (not a readable .npz: {_not_zip_reason(head)})"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    member = "the archive"
     try:
         with np.load(path, allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
-        raise DataError(f"{path}: not a readable .npz file ({error})") from error
+            for name in archive.files:
+                member = f"array '{name}'"
+                arrays[name] = _npz_member(path, name, archive[name])
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error) as error:
+        reason = _first_line(error)
+        if "allow_pickle" in reason:
+            reason = "it holds Python objects, which are not loaded; save numeric arrays"
+        raise DataError(f"{path}: cannot read {member} of the .npz file ({reason})") from error
+    return arrays
+
+
+def _npz_member(path: Path, name: str, value: Any) -> np.ndarray:
+    """numpy returns the raw bytes of a member that is not an ``.npy`` array: refuse them."""
+    if not isinstance(value, np.ndarray):
+        raise DataError(
+            f"{path}: member '{name}' of the .npz archive is not a .npy array; "
+            "save the data with numpy.savez"
+        )
+    return value
+
+
+def _not_zip_reason(head: bytes) -> str:
+    """Why a file is not a zip archive, as far as its first bytes tell."""
+    if head.startswith(b"\x93NUMPY"):
+        return "it is a single .npy array; save one array per model input with numpy.savez"
+    if head.startswith(_ZIP_STARTS):
+        return "a truncated or damaged zip archive"
+    if not head:
+        return "the file is empty"
+    return "not a zip archive; save the data with numpy.savez"
 
 
 def _npz_feeds(path: Path, specs: list[InputSpec], batch_size: int | None) -> Feeds:
@@ -321,6 +444,7 @@ def _npz_feeds(path: Path, specs: list[InputSpec], batch_size: int | None) -> Fe
     batched = {n: a for n, a in arrays.items() if n not in shared}
     if not batched:
         raise DataError(f"{path}: every array is a scalar; axis 0 must count the samples")
+    _check_npz_shapes(path, batched, specs)
     counts = {name: array.shape[0] for name, array in batched.items()}
     if len(set(counts.values())) != 1:
         raise DataError(f"{path}: arrays disagree on the number of samples (axis 0): {counts}")
@@ -335,7 +459,51 @@ def _npz_feeds(path: Path, specs: list[InputSpec], batch_size: int | None) -> Fe
             yield {**feed, **shared}
 
     check_feed(next(factory()), {s.name: s for s in specs}, origin)
-    return Feeds(factory, specs, f"{origin} ({description})")
+    _warn_npz_non_finite(path, arrays, specs)
+    warned = {spec.name for spec in specs}  # every value was just checked
+    return Feeds(factory, specs, f"{origin} ({description})", warned=warned)
+
+
+def _check_npz_shapes(
+    path: Path, batched: Mapping[str, np.ndarray], specs: Sequence[InputSpec]
+) -> None:
+    """Rank and static dimensions after axis 0 (the samples), shown as the file stores them."""
+    for spec in specs:
+        array = batched.get(spec.name)
+        if array is None or spec.shape is None:
+            continue
+        stored = f"the file's array '{spec.name}' is {list(array.shape)}"
+        expected = _show_shape(spec.shape)
+        if array.ndim != len(spec.shape):
+            hint = ""
+            if array.ndim + 1 == len(spec.shape):
+                hint = f"; to give one sample, save {spec.name}[None]"
+            raise DataError(
+                f"{path}: input '{spec.name}' expects rank {len(spec.shape)} {expected} per "
+                f"batch; {stored} (axis 0 counts the samples){hint}"
+            )
+        for axis in range(1, array.ndim):
+            want, got = spec.shape[axis], array.shape[axis]
+            if isinstance(want, int) and want != got:
+                raise DataError(
+                    f"{path}: input '{spec.name}' expects {expected} per batch; {stored}, "
+                    f"whose axis {axis} is {got}, not {want} (axis 0 counts the samples)"
+                )
+
+
+def _warn_npz_non_finite(
+    path: Path, arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec]
+) -> None:
+    """Module rules: one warning per input, counting the whole array as the model's dtype."""
+    for spec in specs:
+        array = arrays.get(spec.name)
+        if array is None or spec.dtype.kind not in "fc" or array.dtype.kind not in "fc":
+            continue
+        with np.errstate(over="ignore", invalid="ignore"):
+            values = array.astype(spec.dtype, copy=False)
+        count = _count_non_finite(values)
+        if count:
+            _log_non_finite(str(path), spec.name, count, values)
 
 
 def _npz_batches(
@@ -438,7 +606,8 @@ def _folder_feeds(path: Path, specs: list[InputSpec]) -> Feeds:
         for file in files:
             yield _load_npz(file)
 
-    return Feeds(factory, specs, f"{path}/ ({len(files)} .npz feeds)")
+    labels = [str(file) for file in files]
+    return Feeds(factory, specs, f"{path}/ ({len(files)} .npz feeds)", labels=labels)
 
 
 def embedding_bounds(graph: gs.Graph) -> dict[str, int]:

@@ -3,14 +3,19 @@
 Each pass declares its options as a tuple of :class:`Option`. That one declaration feeds the CLI
 (``-o PASS.KEY=VALUE``), recipe files, ``graphopt passes`` and validation: a value of the wrong
 type or outside the declared range fails with a one-line :class:`~graphopt.errors.OptionError`
-that names the option.
+that names the option. A float option is never NaN, and is infinite only where its declared range
+reaches that infinity (``maximum=math.inf`` allows ``inf``, ``minimum=-math.inf`` allows
+``-inf``). :class:`FiniteFloat` applies the same rule to the CLI's own float flags.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import click
 
 from graphopt.errors import OptionError
 
@@ -83,9 +88,12 @@ class Option:
             if isinstance(value, bool):
                 raise OptionError(f"option {label}: expected a number, got {value!r}")
             try:
-                return float(value)
+                number = float(value)
             except (TypeError, ValueError):
                 raise OptionError(f"option {label}: expected a number, got {value!r}") from None
+            if not self._allows(number):
+                raise OptionError(f"option {label}: expected a finite number, got {value!r}")
+            return number
         if self.kind is list:
             if isinstance(value, str):
                 return [item.strip() for item in value.split(",") if item.strip()]
@@ -93,6 +101,16 @@ class Option:
                 return [str(item) for item in value]
             raise OptionError(f"option {label}: expected a list, got {value!r}")
         return str(value)
+
+    def _allows(self, number: float) -> bool:
+        """False for NaN, and for an infinity the declared range does not reach."""
+        if math.isnan(number):
+            return False
+        if number == math.inf:
+            return self.maximum == math.inf
+        if number == -math.inf:
+            return self.minimum == -math.inf
+        return True
 
     def _check_range(self, value: Any, label: str) -> None:
         if self.choices is not None:
@@ -138,3 +156,26 @@ def parse_option_assignments(assignments: Sequence[str]) -> dict[str, dict[str, 
             )
         parsed.setdefault(pass_name.strip(), {})[option_name.strip()] = value.strip()
     return parsed
+
+
+class FiniteFloat(click.FloatRange):
+    """A click float flag that refuses ``nan``, ``inf`` and ``-inf``; optionally bounded.
+
+    Takes :class:`click.FloatRange`'s arguments (``min``, ``max``, ``min_open``, ``max_open``,
+    ``clamp``). A non-finite value fails with click's usual ``Invalid value for '--flag'`` usage
+    error (exit code 2) before the range is checked; an unbounded flag shows no range in
+    ``--help``.
+    """
+
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
+
+    def _describe_range(self) -> str:
+        if self.min is None and self.max is None:
+            return ""
+        return super()._describe_range()
