@@ -23,7 +23,7 @@ from pathlib import Path
 
 from graphopt.data import Feeds
 from graphopt.manager import PassManager
-from graphopt.model import save_model
+from graphopt.model import write_model
 from graphopt.normalize import load_normalized
 from graphopt.pass_api import Pass, PassContext, plan_opset
 from graphopt.validate import Criteria, compare_models
@@ -61,9 +61,11 @@ class _Prober:
         providers: Sequence[str],
         seed: int,
         folder: Path,
+        tmp_dir: Path | None,
     ) -> None:
         self.source, self.passes, self.feeds = source, list(passes), feeds
         self.criteria, self.providers, self.seed, self.folder = criteria, providers, seed, folder
+        self.tmp_dir = tmp_dir
         self.probes = 0
 
     def run(self, count: int, scope: frozenset[str] | None = None) -> tuple[bool, list[str]]:
@@ -73,6 +75,7 @@ class _Prober:
             self.source,
             materialize_weights=any(p.reads_weights for p in self.passes),
             min_opset=plan_opset(self.passes),
+            tmp_dir=self.tmp_dir,
         )
         if count > 1:
             model, _ = PassManager(self.passes[: count - 1], check=False).run(
@@ -81,7 +84,7 @@ class _Prober:
         last = self.passes[count - 1]
         result = last(model, PassContext(data=self.feeds, seed=self.seed, scope=scope))
         out = self.folder / f"probe{self.probes}.onnx"
-        save_model(result.model, out)
+        write_model(result.model, out)
         report = compare_models(
             self.source,
             out,
@@ -89,6 +92,7 @@ class _Prober:
             providers=self.providers,
             criteria=self.criteria,
             seed=self.seed,
+            tmp_dir=self.tmp_dir,
         )
         out.unlink()
         out.with_name(out.name + ".data").unlink(missing_ok=True)
@@ -103,11 +107,13 @@ def bisect_passes(
     *,
     providers: Sequence[str] = ("cpu",),
     seed: int = 0,
+    tmp_dir: Path | None = None,
 ) -> BisectReport:
-    """Find the first failing pass, then its first harmful node (module rules)."""
+    """Find the first failing pass, then its first harmful node (module rules). Probe models
+    are written in ``tmp_dir`` (None: the system's temporary folder)."""
     report = BisectReport()
-    with tempfile.TemporaryDirectory(prefix="graphopt-bisect-") as folder:
-        prober = _Prober(source, planned, feeds, criteria, providers, seed, Path(folder))
+    with tempfile.TemporaryDirectory(prefix="graphopt-bisect-", dir=tmp_dir) as folder:
+        prober = _Prober(source, planned, feeds, criteria, providers, seed, Path(folder), tmp_dir)
         touched: list[str] = []
         for count in range(1, len(planned) + 1):
             passed, touched = prober.run(count)

@@ -3,9 +3,11 @@
 Rules:
 
 1. Exit codes: 0 success; 1 validation (or the gate, or tune's bar) failed; 2 usage or input
-   error (a bad flag, model file, option, data set, shape or path: the user can fix it); 3 a bug
-   (any other exception: ``internal error … please report it``); 130 interrupted (Ctrl-C or
-   SIGTERM, after temporary files are removed).
+   error (a bad flag, model file, option, data set, shape or path, a full disk or read-only
+   folder: the user can fix it); 3 a bug (any other exception: ``internal error … please report
+   it``); 130 interrupted by Ctrl-C (SIGINT), 143 terminated by SIGTERM, after temporary files
+   are removed. On 2, 3, 130 and 143 ``optimize`` leaves its output as it was (absent or the
+   previous file) and writes no report (:mod:`graphopt.pipeline`).
 2. Errors are one line on stderr. ``--debug`` adds the traceback and debug logs; ``-v`` logs every
    skipped candidate, ``-vv`` debug logs. Both are accepted before the subcommand and after it
    (``graphopt optimize … --debug``), and counts add up.
@@ -42,13 +44,15 @@ from graphopt.data import (
     synthesize_runnable,
 )
 from graphopt.errors import GraphoptError, InputError, PassError
+from graphopt.files import check_output_target, resolve_tmp_dir, write_atomic_text
 from graphopt.gate import run_gate
 from graphopt.localize import TensorComparison, compare_tensors, first_divergence
 from graphopt.model import load_model
 from graphopt.normalize import infer_types
-from graphopt.options import parse_option_assignments
+from graphopt.options import FiniteFloat, parse_option_assignments
 from graphopt.ort import resolve_providers
-from graphopt.pipeline import OptimizeReport, build_passes, default_criteria, optimize
+from graphopt.pipeline import OptimizeReport, budget_for, optimize
+from graphopt.progress import ProgressDisplay
 from graphopt.registry import available_pass_names, load_pass_class
 from graphopt.summary import summarize
 from graphopt.tune import TuneResult, tune
@@ -56,6 +60,8 @@ from graphopt.tune_report import front_rows
 from graphopt.validate import Criteria, ValidationReport
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+"""128 + the signal's number, as shells report a process killed by SIGINT / SIGTERM."""
 _RECIPE_KEYS = frozenset({"passes", "options"})
 
 
@@ -281,11 +287,14 @@ def _criteria(
 ) -> Criteria | None:
     """Criteria from the budget flags; None (the caller's default) when no flag is given.
 
-    ``--whole-tensor`` alone keeps the ``default`` budget with per-channel gating off.
+    ``--whole-tensor`` alone keeps the ``default`` budget with per-channel gating off; a flag
+    replaces its own figure only, the others keep the ``default`` budget's.
     """
     if min_cosine is None and min_snr is None and min_top1 is None:
         return dataclasses.replace(default(), per_channel=False) if whole_tensor else None
-    defaults = Criteria()
+    defaults = default()
+    if defaults.exact:
+        defaults = Criteria()
     return Criteria(
         min_cosine=defaults.min_cosine if min_cosine is None else min_cosine,
         min_snr_db=defaults.min_snr_db if min_snr is None else min_snr,
@@ -306,6 +315,28 @@ _input_shapes_option = click.option(
 def _input_shapes(texts: Sequence[str]) -> dict[str, tuple[int, ...]] | None:
     return parse_input_shapes(list(texts)) if texts else None
 
+
+_STEP_BOUNDARIES = frozenset(
+    {"pass-start", "pass-end", "validate-start", "per-tensor-start", "bisect-start", "saved"}
+)
+"""Events that end the current progress step (:class:`graphopt.progress.ProgressDisplay`)."""
+_ACTIVITIES = {
+    "pass-start": "running {name}",
+    "validate-start": "validating",
+    "per-tensor-start": "comparing tensors",
+    "bisect-start": "bisecting",
+}
+"""What the progress heartbeat names as running after each event (off a terminal)."""
+
+_TMP_DIR_HELP = (
+    "Folder for temporary files (spilled weights, the staged output); default: the system's "
+    "($TMPDIR). Nothing is ever written beside the input model."
+)
+_tmp_dir_option = click.option(
+    "--tmp-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help=_TMP_DIR_HELP,
+)
 
 _WHOLE_TENSOR_HELP = (
     "Gate cosine and SNR on each whole output only. Default: also on the worst channel "
@@ -362,11 +393,9 @@ _WHOLE_TENSOR_HELP = (
     type=click.IntRange(min=1),
     help="Batch size for .npz data (default 8; a static batch fixes it).",
 )
-@click.option("--min-cosine", type=click.FloatRange(-1, 1), help="Lossy budget: minimum cosine.")
-@click.option("--min-snr", type=float, help="Lossy budget: minimum SNR in dB.")
-@click.option(
-    "--min-top1", type=click.FloatRange(0, 1), help="Lossy budget: minimum top-1 agreement."
-)
+@click.option("--min-cosine", type=FiniteFloat(-1, 1), help="Lossy budget: minimum cosine.")
+@click.option("--min-snr", type=FiniteFloat(), help="Lossy budget: minimum SNR in dB.")
+@click.option("--min-top1", type=FiniteFloat(0, 1), help="Lossy budget: minimum top-1 agreement.")
 @click.option("--whole-tensor", is_flag=True, help=_WHOLE_TENSOR_HELP)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for synthetic data.")
 @_input_shapes_option
@@ -378,6 +407,7 @@ _WHOLE_TENSOR_HELP = (
 @click.option(
     "--bisect", is_flag=True, help="If validation fails, find the first failing pass and node."
 )
+@_tmp_dir_option
 def optimize_command(
     input_model: Path,
     output_model: Path,
@@ -398,8 +428,13 @@ def optimize_command(
     input_shapes_text: tuple[str, ...],
     per_tensor: bool,
     bisect: bool,
+    tmp_dir: Path | None,
 ) -> int:
-    """Apply a set of passes to INPUT_MODEL, write OUTPUT_MODEL, validate it against the input."""
+    """Apply a set of passes to INPUT_MODEL, write OUTPUT_MODEL, validate it against the input.
+
+    OUTPUT_MODEL (and OUTPUT_MODEL.data) are replaced if they exist, once the new output is
+    complete and validated; on an error or interrupt they are left as they were.
+    """
     recipe_passes, recipe_options = _load_recipe(recipe)
     names = list(dict.fromkeys(recipe_passes + _split_names(passes_text)))
     if not names:
@@ -409,65 +444,67 @@ def optimize_command(
         options.setdefault(pass_name, {}).update(values)
     provider_names = resolve_providers(_split_names(providers) or ["cpu"])
     _check_writable(report_path)
+    resolve_tmp_dir(tmp_dir)
 
     def on_event(kind: str, info: dict[str, Any]) -> None:
         if kind == "plan":
             click.echo("plan: " + " → ".join(info["plan"]))
         elif kind == "opset":
             click.echo(f"opset: {info['description']}")
+        elif kind == "criteria":
+            click.echo(f"budget: {info['criteria'].describe()} ({info['source']})")
         elif kind == "data":
             click.echo(f"data: {info['description']}")
         elif kind == "validation-data":
             click.echo(f"validation data: {info['description']}")
-        elif kind == "pass-start" and sys.stderr.isatty():
-            click.echo(f"running {info['name']} …", err=True)
-        elif kind == "progress" and sys.stderr.isatty():
-            click.echo(f"\r{info['label']}: batch {info['index'] + 1}", err=True, nl=False)
-        elif kind == "validate-batch" and sys.stderr.isatty():
-            click.echo(f"\rvalidating: batch {info['index'] + 1}", err=True, nl=False)
+        elif kind in _STEP_BOUNDARIES:
+            progress.finish()
+            if kind == "pass-start":
+                progress.write(f"running {info['name']} …")
+            if kind in _ACTIVITIES:
+                progress.activity(_ACTIVITIES[kind].format(**info))
+        elif kind == "progress":
+            progress.step(info["label"], info["index"], info.get("total"))
+        elif kind == "validate-batch":
+            progress.step("validating", info["index"], info.get("total"))
 
-    report = optimize(
-        input_model,
-        output_model,
-        names,
-        options=options,
-        data=data,
-        validation_data=validation_data,
-        providers=provider_names,
-        validate=not no_validate,
-        criteria=_criteria(
-            min_cosine,
-            min_snr,
-            min_top1,
-            whole_tensor=whole_tensor,
-            default=lambda: default_criteria(build_passes(names, options)),
-        ),
-        batch_size=batch_size,
-        seed=seed,
-        input_shapes=_input_shapes(input_shapes_text),
-        per_tensor=per_tensor,
-        bisect=bisect,
-        on_event=on_event,
-    )
-    if sys.stderr.isatty() and not no_validate:
-        click.echo("", err=True)
+    progress = ProgressDisplay()  # stderr: a bar on a terminal, a line every ~10 s elsewhere
+    loggers = [logging.getLogger(name) for name in LOGGER_NAMES]
+    with progress, progress.logging_redirected(loggers):
+        report = optimize(
+            input_model,
+            output_model,
+            names,
+            options=options,
+            data=data,
+            validation_data=validation_data,
+            providers=provider_names,
+            validate=not no_validate,
+            criteria=_criteria(
+                min_cosine,
+                min_snr,
+                min_top1,
+                whole_tensor=whole_tensor,
+                default=lambda: budget_for(names)[0],
+            ),
+            batch_size=batch_size,
+            seed=seed,
+            input_shapes=_input_shapes(input_shapes_text),
+            per_tensor=per_tensor,
+            bisect=bisect,
+            on_event=on_event,
+            tmp_dir=tmp_dir,
+            report_path=report_path,
+        )
     _print_report(report)
-    if report_path is not None:
-        _write_text(report_path, json.dumps(report.to_dict(), indent=2, default=str) + "\n")
     return EXIT_OK if report.passed else EXIT_FAILED
 
 
-def _write_text(path: Path, text: str) -> None:
-    try:
-        path.write_text(text)
-    except OSError as error:
-        raise InputError(f"cannot write {path}: {error.strerror or error}") from error
-
-
 def _check_writable(*paths: Path | None) -> None:
+    """Report paths are checked before any work: a bad one is exit 2 with nothing written."""
     for path in paths:
-        if path is not None and not path.parent.is_dir():
-            raise InputError(f"cannot write {path}: folder {path.parent} does not exist")
+        if path is not None:
+            check_output_target(path, "report")
 
 
 @cli.command("check")
@@ -483,18 +520,24 @@ def _check_writable(*paths: Path | None) -> None:
 @click.option(
     "--exact", is_flag=True, help="Require element-wise agreement (atol 1e-5, rtol 1e-4)."
 )
-@click.option("--min-cosine", type=click.FloatRange(-1, 1), help="Minimum cosine (default 0.99).")
-@click.option("--min-snr", type=float, help="Minimum SNR in dB (default 20).")
-@click.option("--min-top1", type=click.FloatRange(0, 1), help="Minimum top-1 agreement.")
+@click.option(
+    "--passes",
+    "passes_text",
+    help="The passes that made CANDIDATE, e.g. quant,lowrank: the default budget is theirs, "
+    "as in optimize (default: quant's, cosine 0.99 and SNR 15 dB).",
+)
+@click.option("--min-cosine", type=FiniteFloat(-1, 1), help="Minimum cosine.")
+@click.option("--min-snr", type=FiniteFloat(), help="Minimum SNR in dB.")
+@click.option("--min-top1", type=FiniteFloat(0, 1), help="Minimum top-1 agreement.")
 @click.option("--whole-tensor", is_flag=True, help=_WHOLE_TENSOR_HELP)
 @click.option(
     "--max-size-ratio",
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     help="Maximum candidate/reference size on disk.",
 )
 @click.option(
     "--max-latency-ratio",
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     help="Maximum candidate/reference median CPU latency (interleaved runs).",
 )
 @click.option("--latency-runs", type=click.IntRange(min=1), default=20, show_default=True)
@@ -518,12 +561,14 @@ def _check_writable(*paths: Path | None) -> None:
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @_input_shapes_option
+@_tmp_dir_option
 def check_command(
     reference: Path,
     candidate: Path,
     data: Path | None,
     providers: str,
     exact: bool,
+    passes_text: str | None,
     min_cosine: float | None,
     min_snr: float | None,
     min_top1: float | None,
@@ -537,17 +582,25 @@ def check_command(
     junit_path: Path | None,
     seed: int,
     input_shapes_text: tuple[str, ...],
+    tmp_dir: Path | None,
 ) -> int:
     """Gate a CANDIDATE model against its REFERENCE: exit 0 if every criterion holds, else 1."""
     _check_writable(json_path, junit_path)
+    scratch = resolve_tmp_dir(tmp_dir)
     provider_names = resolve_providers(_split_names(providers) or ["cpu"])
     if exact and (min_cosine is not None or min_snr is not None or whole_tensor):
         raise InputError("--exact cannot be combined with --min-cosine/--min-snr/--whole-tensor")
-    criteria = (
-        Criteria(exact=True)
-        if exact
-        else (_criteria(min_cosine, min_snr, min_top1, whole_tensor=whole_tensor) or Criteria())
-    )
+    default_budget, budget_source = budget_for(_split_names(passes_text) or None)
+    if exact:
+        criteria, budget_source = Criteria(exact=True), "--exact"
+    else:
+        given = _criteria(
+            min_cosine, min_snr, min_top1, whole_tensor=whole_tensor, default=lambda: default_budget
+        )
+        criteria = given or default_budget
+        if given is not None:
+            budget_source = f"given; the rest from the {budget_source}"
+    click.echo(f"budget: {criteria.describe()} ({budget_source})")
     reference_model = load_model(reference)
     load_model(candidate)  # a candidate that is not ONNX at all is an input error
     infer_types(reference_model)
@@ -578,6 +631,7 @@ def check_command(
         max_size_ratio=max_size_ratio,
         max_latency_ratio=max_latency_ratio,
         latency_runs=latency_runs,
+        tmp_dir=scratch,
     )
     _print_validation(report.validation)
     for check in report.model_checks:
@@ -585,9 +639,9 @@ def check_command(
     if per_tensor:
         _print_per_tensor(compare_tensors(reference, candidate, feeds, criteria=criteria))
     if json_path is not None:
-        _write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
+        write_atomic_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
     if junit_path is not None:
-        _write_text(junit_path, report.to_junit())
+        write_atomic_text(junit_path, report.to_junit())
     click.echo("check: " + ("PASSED" if report.passed else "FAILED"))
     return EXIT_OK if report.passed else EXIT_FAILED
 
@@ -617,7 +671,7 @@ def check_command(
 )
 @click.option(
     "--min-cosine",
-    type=click.FloatRange(0, 1, min_open=True),
+    type=FiniteFloat(0, 1, min_open=True),
     default=0.99,
     show_default=True,
     help="The bar: min over outputs of each output's cosine to the original.",
@@ -625,7 +679,7 @@ def check_command(
 @click.option("--budget", type=click.IntRange(min=1), help="Trials, cached ones included (24).")
 @click.option(
     "--time-limit",
-    type=click.FloatRange(0, min_open=True),
+    type=FiniteFloat(0, min_open=True),
     help="Seconds after which no new trial starts.",
 )
 @click.option("--passes", "passes_text", help="Passes to search (default: every built-in pass).")
@@ -819,16 +873,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args, debug)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: unwinds like Ctrl-C, and exits 143 rather than 130."""
+
+
 @contextlib.contextmanager
 def _terminate_cleanly() -> Iterator[None]:
-    """SIGTERM (a CI timeout, ``kill``) unwinds like Ctrl-C: temporary files beside the model
-    (runnable copies, spilled weights, partial outputs) are removed instead of left behind."""
+    """SIGTERM (a CI timeout, ``kill``) unwinds like Ctrl-C: temporary files (spilled weights,
+    the staged output) are removed instead of left behind, and the output is left as it was."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+        raise Terminated
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
@@ -860,9 +918,8 @@ def _run(args: list[str], debug: bool) -> int:
         result = cli.main(args=args, prog_name="graphopt", standalone_mode=False)
     except click.exceptions.Exit as done:
         return int(done.exit_code)
-    except click.Abort:
-        click.echo("graphopt: aborted", err=True)
-        return EXIT_USAGE
+    except click.Abort as abort:  # click turns KeyboardInterrupt into Abort
+        return _interrupted(abort.__cause__ or abort.__context__)
     except click.ClickException as error:
         message = error.format_message().replace("\n", " ")
         hint = ""
@@ -885,9 +942,8 @@ def _run(args: list[str], debug: bool) -> int:
             traceback.print_exc()
         click.echo(f"graphopt: error: {error}", err=True)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        click.echo("graphopt: interrupted", err=True)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        return _interrupted(interrupt)
     except Exception as error:  # rule 1: anything else is a bug
         if debug:
             traceback.print_exc()
@@ -900,6 +956,18 @@ def _run(args: list[str], debug: bool) -> int:
         )
         return EXIT_BUG
     return int(result or 0)
+
+
+def _interrupted(cause: BaseException | None) -> int:
+    """Rule 1: 143 for SIGTERM, 130 for Ctrl-C; an abort with no signal behind it is exit 2."""
+    if isinstance(cause, Terminated):
+        click.echo("graphopt: terminated (SIGTERM); the output was left as it was", err=True)
+        return EXIT_TERMINATED
+    if isinstance(cause, KeyboardInterrupt):
+        click.echo("graphopt: interrupted; the output was left as it was", err=True)
+        return EXIT_INTERRUPTED
+    click.echo("graphopt: aborted", err=True)
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -42,3 +42,8 @@ class PassError(GraphoptError):
         self.reason = reason
         before = ", ".join(self.ran_before)
         super().__init__(f"pass '{pass_name}' failed after [{before}]: {reason}")
+
+
+class StorageError(InputError):
+    """A file could not be written for a reason of the machine's: a full disk, a read-only or
+    unwritable folder, a quota. The user fixes it (free space, ``--tmp-dir``), so exit code 2."""

@@ -10,17 +10,13 @@ Rules:
 3. Each tensor is judged like an output (:mod:`graphopt.validate`: with per-channel criteria, the
    worst channel counts too, and the row says which). Rows come back in the reference's node
    order, so the first row below the budget is where error starts.
-4. Models with external data are re-pointed at their own data through a temporary file beside
-   them, removed afterwards.
+4. Models are loaded from memory, their external data read in place from their own folder:
+   nothing is written anywhere (the models' folders may be read-only).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +24,7 @@ import numpy as np
 import onnx
 
 from graphopt.data import Feeds
-from graphopt.ort import make_session
+from graphopt.ort import InMemoryModel, make_session
 from graphopt.validate import Criteria, MetricAccumulator, ModelSource, sample_count
 
 logger = logging.getLogger(__name__)
@@ -55,9 +51,10 @@ def _load_proto(model: ModelSource) -> tuple[onnx.ModelProto, Path | None]:
     return onnx.load(str(path), load_external_data=False), path.parent
 
 
-@contextlib.contextmanager
-def _with_outputs(model: ModelSource, names: list[str]) -> Iterator[onnx.ModelProto | str]:
-    """The model with ``names`` added as graph outputs, as a proto or a temporary path."""
+def _with_outputs(model: ModelSource, names: list[str]) -> onnx.ModelProto | InMemoryModel:
+    """The model with ``names`` added as graph outputs. A model file is loaded from memory with
+    its external data read in place: nothing is written beside it (its folder may be
+    read-only)."""
     proto, folder = _load_proto(model)
     exposed = onnx.ModelProto()
     exposed.CopyFrom(proto)
@@ -66,15 +63,8 @@ def _with_outputs(model: ModelSource, names: list[str]) -> Iterator[onnx.ModelPr
         onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in existing
     )
     if folder is None:
-        yield exposed
-        return
-    handle, temp_name = tempfile.mkstemp(prefix=".graphopt-localize-", suffix=".onnx", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(exposed.SerializeToString())
-        yield temp_name
-    finally:
-        Path(temp_name).unlink(missing_ok=True)
+        return exposed
+    return InMemoryModel(exposed.SerializeToString(), folder.resolve())
 
 
 def matched_tensors(
@@ -107,22 +97,18 @@ def compare_tensors(
     matched = matched_tensors(ref_proto, cand_proto)
     names = [name for name, _ in matched]
     accumulators = {name: MetricAccumulator(name, provider, judge, 0) for name in names}
-    with (
-        _with_outputs(reference, names) as ref_model,
-        _with_outputs(candidate, names) as cand_model,
-    ):
-        ref_session = make_session(ref_model, provider, optimize=False)
-        cand_session = make_session(cand_model, provider, optimize=False)
-        for index, feed in enumerate(feeds):
-            if index >= max_batches:
-                break
-            ref_values = ref_session.run(names, feed)
-            cand_values = cand_session.run(names, feed)
-            samples = sample_count(feed)
-            for name, ref_value, cand_value in zip(names, ref_values, cand_values, strict=True):
-                ref_array, cand_array = np.asarray(ref_value), np.asarray(cand_value)
-                if ref_array.dtype.kind in "fc" or cand_array.dtype.kind in "fc":
-                    accumulators[name].add(ref_array, cand_array, samples=samples)
+    ref_session = make_session(_with_outputs(reference, names), provider, optimize=False)
+    cand_session = make_session(_with_outputs(candidate, names), provider, optimize=False)
+    for index, feed in enumerate(feeds):
+        if index >= max_batches:
+            break
+        ref_values = ref_session.run(names, feed)
+        cand_values = cand_session.run(names, feed)
+        samples = sample_count(feed)
+        for name, ref_value, cand_value in zip(names, ref_values, cand_values, strict=True):
+            ref_array, cand_array = np.asarray(ref_value), np.asarray(cand_value)
+            if ref_array.dtype.kind in "fc" or cand_array.dtype.kind in "fc":
+                accumulators[name].add(ref_array, cand_array, samples=samples)
     rows: list[TensorComparison] = []
     for name, op in matched:
         accumulator = accumulators[name]

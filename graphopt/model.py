@@ -9,8 +9,9 @@ Rules this module follows:
    missing, empty, not ONNX, truncated, unsupported IR version, missing or short external data,
    or a graph that onnx's checker rejects (e.g. one tensor name produced by two nodes); the
    checker's reason is the message.
-3. Saving writes temporary files beside the target and renames them into place, so a failed
-   save leaves no partial file, and never writes over the input model or its external data.
+3. Saving writes the model complete into a staging folder in the temporary folder, then
+   publishes it (:mod:`graphopt.files`): a failed or interrupted save leaves no partial file,
+   and a save never writes over the input model or its external data.
 4. External data is used when the model came with it or when it would not fit in one protobuf
    (~2 GB). Tensors are written into the data file one at a time, in graph order; those of
    1 MiB or more start at a 4 KiB boundary so ONNX Runtime can memory-map them (at most 0.4 %
@@ -25,8 +26,8 @@ Rules this module follows:
 6. Reading a weight never pins it: :func:`weight_values` loads a lazy tensor without caching it
    in the graph (graphsurgeon's ``Constant.values`` would keep every weight a pass has read in
    memory until the pass ends), and weights a pass computes (factors, pruned matrices) of at
-   least 1 MiB go to the model's :class:`WeightSpill`, temporary files beside the source model,
-   read back one at a time when they are used or saved. Memory stays near the few tensors a
+   least 1 MiB go to the model's :class:`WeightSpill`, files in the temporary folder, read back
+   one at a time when they are used or saved. Memory stays near the few tensors a
    pass works on, whatever the model's size.
 7. A constant read in several control-flow bodies is written once, in the innermost graph
    that encloses all of them (bodies see outer-scope names), as the exporter had it:
@@ -56,7 +57,16 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, update_impor
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from graphopt.errors import InputError, ModelLoadError
+from graphopt.files import (
+    check_output_target,
+    data_file_name,
+    publish,
+    resolve_tmp_dir,
+    staging_folder,
+    storage_error,
+)
 from graphopt.opset import OpsetUpgrade, default_opset, upgrade_proto
+from graphopt.ort import InMemoryModel
 
 logger = logging.getLogger(__name__)
 
@@ -135,15 +145,15 @@ def _remove_file(path: Path) -> None:
 class WeightSpill:
     """Temporary files for the weights passes compute, so they need not stay in memory.
 
-    The folder is created on first use, hidden inside the source model's folder when that is
-    writable (so ONNX Runtime can read spilled and untouched weights side by side without a
-    copy: its external-data paths may not leave the model's folder) and in the system's
-    temporary folder otherwise. It is removed when the spill and every spilled value are gone,
-    or at interpreter exit.
+    ``root`` is the run's temporary folder (None: the system's, ``TMPDIR`` honoured; never the
+    source model's folder, which may be read-only). A ``graphopt-spill-*`` folder is created in
+    it on first use and removed when the spill and every spilled value are gone, or at
+    interpreter exit. :func:`runnable_model` hands spilled weights to ONNX Runtime as memory
+    maps, so they need not sit beside the source's data.
     """
 
-    def __init__(self, near: Path | None = None) -> None:
-        self.near = near
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root
         self._folder: Path | None = None
         self._count = 0
 
@@ -165,11 +175,13 @@ class WeightSpill:
 
     def _ensure_folder(self) -> Path:
         if self._folder is None:
-            near = self.near
-            base = near if near is not None and os.access(near, os.W_OK) else None
-            self._folder = Path(tempfile.mkdtemp(prefix=".graphopt-spill-", dir=base))
+            self._folder = Path(tempfile.mkdtemp(prefix="graphopt-spill-", dir=self.root))
             weakref.finalize(self, shutil.rmtree, self._folder, ignore_errors=True)
         return self._folder
+
+    def scratch(self) -> Path:
+        """The temporary folder the run writes in (see the class docstring)."""
+        return self.root if self.root is not None else Path(tempfile.gettempdir())
 
 
 def weight_values(constant: gs.Constant) -> np.ndarray:
@@ -219,14 +231,25 @@ def _inline_tensor_proto(constant: gs.Constant) -> onnx.TensorProto:
 class ExternalWriter:
     """Writes tensors into one external-data file as a model is exported (module rule 4).
 
-    ``keep_source_refs``: tensors still lazily stored in the source's data files keep pointing
-    there (for temporary files written beside the source) instead of being copied.
+    ``keep_source_refs``: tensors still lazily stored in files (the source's data, spilled
+    weights) keep pointing there instead of being copied; :attr:`kept` maps their names to the
+    folder their locations resolve in (for :func:`runnable_model`). ``align_all``: every
+    tensor starts at a 64-byte boundary, so each can be memory-mapped as an array.
     """
 
-    def __init__(self, handle: BinaryIO, location: str, *, keep_source_refs: bool = False) -> None:
+    def __init__(
+        self,
+        handle: BinaryIO,
+        location: str,
+        *,
+        keep_source_refs: bool = False,
+        align_all: bool = False,
+    ) -> None:
         self.handle = handle
         self.location = location
         self.keep_source_refs = keep_source_refs
+        self.align_all = align_all
+        self.kept: dict[str, Path] = {}
         self.offset = 0
 
     def write(self, constant: gs.Constant) -> onnx.TensorProto:
@@ -236,6 +259,7 @@ class ExternalWriter:
             proto.CopyFrom(values.tensor)
             proto.name = constant.name
             if self.keep_source_refs:
+                self.kept[constant.name] = values.base_dir
                 return proto
             self._align(constant_nbytes(constant))
             length = _copy_external_bytes(proto, values.base_dir, self.handle)
@@ -256,9 +280,9 @@ class ExternalWriter:
         return proto
 
     def _align(self, nbytes: int) -> None:
-        if nbytes < ALIGN_MIN_BYTES:
+        if nbytes < ALIGN_MIN_BYTES and not self.align_all:
             return
-        padding = (-self.offset) % EXTERNAL_ALIGNMENT
+        padding = (-self.offset) % (EXTERNAL_ALIGNMENT if nbytes >= ALIGN_MIN_BYTES else 64)
         self.handle.write(b"\0" * padding)
         self.offset += padding
 
@@ -592,11 +616,17 @@ def constant_tensor_proto(constant: gs.Constant) -> onnx.TensorProto:
     return proto
 
 
-def load_model(path: str | os.PathLike[str], *, min_opset: int | None = None) -> Model:
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    min_opset: int | None = None,
+    tmp_dir: str | os.PathLike[str] | None = None,
+) -> Model:
     """Open ``path`` for editing without reading external weights. See the module rules.
 
     ``min_opset``: upgrade the default domain to at least this opset when it is older
-    (:mod:`graphopt.opset`; the outcome is in :attr:`Model.opset_upgrade`).
+    (:mod:`graphopt.opset`; the outcome is in :attr:`Model.opset_upgrade`). ``tmp_dir``: where
+    the model's temporary files go (:class:`WeightSpill`; None: the system's).
     """
     model_path = Path(path)
     if not model_path.exists():
@@ -628,14 +658,20 @@ def load_model(path: str | os.PathLike[str], *, min_opset: int | None = None) ->
         source=model_path,
         had_external_data=external > 0,
         source_input_names=frozenset(i.name for i in proto.graph.input),
-        spill=WeightSpill(model_path.parent),
+        spill=WeightSpill(None if tmp_dir is None else Path(tmp_dir)),
     )
     check_valid(model, model_path)
     return model
 
 
-def model_from_proto(proto: onnx.ModelProto, base_dir: Path | None = None) -> Model:
-    """Wrap an in-memory ModelProto (tests, the Python API). External data resolves in base_dir."""
+def model_from_proto(
+    proto: onnx.ModelProto,
+    base_dir: Path | None = None,
+    *,
+    tmp_dir: str | os.PathLike[str] | None = None,
+) -> Model:
+    """Wrap an in-memory ModelProto (tests, the Python API). External data resolves in base_dir;
+    temporary files go to ``tmp_dir`` (None: the system's temporary folder)."""
     _check_header(proto, Path("<in-memory model>"))
     graph = _import_graph(proto, Path("<in-memory model>"))
     external = 0
@@ -648,7 +684,7 @@ def model_from_proto(proto: onnx.ModelProto, base_dir: Path | None = None) -> Mo
         shell=shell,
         had_external_data=external > 0,
         source_input_names=frozenset(i.name for i in proto.graph.input),
-        spill=WeightSpill(base_dir),
+        spill=WeightSpill(None if tmp_dir is None else Path(tmp_dir)),
     )
     check_valid(model, Path("<in-memory model>"))
     return model
@@ -809,66 +845,72 @@ def save_model(
 ) -> Path:
     """Write ``model`` to ``path`` atomically; see the module rules. Returns the path written.
 
-    ``external_data``: ``None`` decides automatically (rule 4); ``True``/``False`` force it.
+    The model is written complete into a staging folder in the model's temporary folder, then
+    published (:func:`graphopt.files.publish`). ``external_data``: ``None`` decides
+    automatically (rule 4); ``True``/``False`` force it.
     """
     out_path = Path(path)
     check_output_path(out_path, model.source)
+    with staging_folder(resolve_tmp_dir(model.spill.scratch())) as folder:
+        staged = write_model(model, folder / out_path.name, external_data=external_data)
+        _check_not_input_data(model, out_path.with_name(data_file_name(out_path)))
+        try:
+            publish(staged, out_path)
+        except OSError as error:
+            raise storage_error(error, f"cannot write {out_path}") from error
+    return out_path
+
+
+def write_model(
+    model: Model,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+) -> Path:
+    """Write ``model`` (and ``PATH.data`` when it uses external data) straight to ``path``.
+
+    For private folders (staging, temporary copies): nothing is renamed into place, so use
+    :func:`save_model` for a user's output. Rule 4 decides external data when ``None``.
+    """
+    out_path = Path(path)
     use_external = external_data
     if use_external is None:
         use_external = model.had_external_data or model.weight_bytes() > PROTOBUF_LIMIT_BYTES
-    data_name = out_path.name + ".data"
-    if use_external:
-        _check_not_input_data(model, out_path.parent / data_name)
-    temp_paths: list[Path] = []
+    data_name = data_file_name(out_path)
     try:
         if use_external:
-            data_temp = _temp_beside(out_path.parent / data_name)
-            temp_paths.append(data_temp)
-            with open(data_temp, "wb") as handle:
+            with open(out_path.with_name(data_name), "wb") as handle:
                 proto = model.to_proto(ExternalWriter(handle, data_name))
                 handle.flush()
                 os.fsync(handle.fileno())
         else:
             proto = model.to_proto()
             _inline_external(proto, model)
-        model_temp = _temp_beside(out_path)
-        temp_paths.append(model_temp)
-        with open(model_temp, "wb") as handle:
+        with open(out_path, "wb") as handle:
             handle.write(proto.SerializeToString(deterministic=True))
             handle.flush()
             os.fsync(handle.fileno())
-        del proto
-        if use_external:
-            os.replace(temp_paths[0], out_path.parent / data_name)
-        os.replace(model_temp, out_path)
     except OSError as error:
-        raise InputError(f"cannot write {out_path}: {error.strerror or error}") from error
-    finally:
-        for temp in temp_paths:
-            temp.unlink(missing_ok=True)
+        raise storage_error(error, f"cannot write {out_path}") from error
     return out_path
 
 
 @contextlib.contextmanager
-def runnable_model(model: Model, extra_outputs: Sequence[str] = ()) -> Iterator[Path]:
-    """A temporary file ONNX Runtime can load, with ``extra_outputs`` exposed as graph outputs.
+def runnable_model(model: Model, extra_outputs: Sequence[str] = ()) -> Iterator[InMemoryModel]:
+    """The model as ONNX Runtime can load it, with ``extra_outputs`` exposed as graph outputs.
 
-    Weights are streamed into a temporary external-data file one tensor at a time, so the
-    Python side never holds a second copy of them. A model whose untouched weights live in one
-    external file is written beside it and keeps pointing into it. Files are removed afterwards.
+    Nothing is written beside the source model (its folder may be read-only). Weights computed
+    in memory are streamed into a temporary data file in the model's temporary folder, one
+    tensor at a time, so the Python side never holds a second copy of them. Untouched weights
+    keep pointing into the source's data file, which ONNX Runtime reads in place; weights in
+    other files (spilled ones, the temporary data file) are handed over as memory maps. The
+    temporary files are removed afterwards.
     """
-    sources = set(_external_sources(model).values())
-    with contextlib.ExitStack() as stack:
-        if len(sources) == 1:
-            folder = next(iter(sources))
-        else:
-            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graphopt-")))
-        model_path = _temp_beside(folder / "graphopt-run.onnx")
-        stack.callback(model_path.unlink, missing_ok=True)
-        data_path = model_path.with_name(model_path.name + ".data")
-        stack.callback(data_path.unlink, missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="graphopt-run-", dir=model.spill.scratch()) as tmp:
+        folder = Path(tmp)
+        data_path = folder / "run.data"
         with open(data_path, "wb") as handle:
-            writer = ExternalWriter(handle, data_path.name, keep_source_refs=len(sources) == 1)
+            writer = ExternalWriter(handle, data_path.name, keep_source_refs=True, align_all=True)
             proto = model.to_proto(writer)
         existing = {output.name for output in proto.graph.output}
         proto.graph.output.extend(
@@ -876,9 +918,49 @@ def runnable_model(model: Model, extra_outputs: Sequence[str] = ()) -> Iterator[
             for name in extra_outputs
             if name not in existing
         )
-        model_path.write_bytes(proto.SerializeToString())
-        del proto
-        yield model_path
+        homes = {**_external_sources(model), **writer.kept}  # small ones are not written
+        source_dir = model.source.parent if model.source is not None else None
+        ort_folder = source_dir if source_dir in set(homes.values()) else folder
+        mapped: dict[str, np.ndarray] = {}
+        for tensor in proto.graph.initializer:
+            if not external_data_helper.uses_external_data(tensor):
+                continue
+            home = homes.get(tensor.name, folder)
+            if home != ort_folder:
+                array = _mapped_array(tensor, home)
+                if array is None:
+                    external_data_helper.load_external_data_for_tensor(tensor, str(home))
+                    _mark_inline(tensor)
+                else:
+                    mapped[tensor.name] = array
+        for body in _bodies(proto.graph):
+            for tensor in body.initializer:
+                if external_data_helper.uses_external_data(tensor):
+                    home = homes.get(tensor.name, folder)
+                    if home != ort_folder:
+                        external_data_helper.load_external_data_for_tensor(tensor, str(home))
+                        _mark_inline(tensor)
+        yield InMemoryModel(proto.SerializeToString(), ort_folder, mapped)
+        del proto, mapped
+
+
+def _mark_inline(tensor: onnx.TensorProto) -> None:
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    del tensor.external_data[:]
+
+
+def _mapped_array(tensor: onnx.TensorProto, base_dir: Path) -> np.ndarray | None:
+    """A read-only memory map of an external tensor, or None when it cannot be one (an
+    element type NumPy lacks, an offset not aligned to the element size, no elements)."""
+    if tensor.data_type not in _NATIVE_NUMPY_TYPES:
+        return None
+    ref = external_ref(tensor, base_dir)
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type).newbyteorder("<")
+    shape = tuple(int(d) for d in tensor.dims)
+    count = int(np.prod(shape, dtype=np.int64))
+    if count == 0 or ref.offset % dtype.itemsize or ref.length != count * dtype.itemsize:
+        return None
+    return np.memmap(ref.path, dtype=dtype, mode="r", offset=ref.offset, shape=shape)
 
 
 def model_file_bytes(path: Path) -> int:
@@ -898,14 +980,10 @@ def model_file_bytes(path: Path) -> int:
 
 
 def check_output_path(out_path: Path, source: Path | None) -> None:
-    """Refuse outputs that cannot be written or that would overwrite the input model."""
-    if out_path.is_dir():
-        raise InputError(f"output {out_path} is a folder; give a file name")
-    parent = out_path.parent
-    if not parent.is_dir():
-        raise InputError(f"cannot write {out_path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"cannot write {out_path}: folder {parent} is not writable")
+    """Refuse outputs that cannot be written, that are not regular files (with their ``.data``
+    file; :func:`graphopt.files.check_output_target`), or that would overwrite the input."""
+    check_output_target(out_path)
+    check_output_target(out_path.with_name(data_file_name(out_path)), "output data file")
     if source is None:
         return
     same = out_path.resolve() == source.resolve() or (
@@ -926,12 +1004,6 @@ def _check_not_input_data(model: Model, data_path: Path) -> None:
                 raise InputError(
                     f"output data file {data_path} would overwrite the input model's external data"
                 )
-
-
-def _temp_beside(target: Path) -> Path:
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    return Path(name)
 
 
 def _external_sources(model: Model) -> dict[str, Path]:

@@ -112,10 +112,15 @@ def normalize(
 
 
 def load_normalized(
-    source: Path, *, materialize_weights: bool = False, min_opset: int | None = None
+    source: Path,
+    *,
+    materialize_weights: bool = False,
+    min_opset: int | None = None,
+    tmp_dir: Path | None = None,
 ) -> tuple[Model, NormalizeStats]:
-    """Load ``source`` (upgraded to ``min_opset`` when older) and normalize it."""
-    model = load_model(source, min_opset=min_opset)
+    """Load ``source`` (upgraded to ``min_opset`` when older; temporary files in ``tmp_dir``)
+    and normalize it."""
+    model = load_model(source, min_opset=min_opset, tmp_dir=tmp_dir)
     return model, normalize(model, materialize_weights=materialize_weights)
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,25 @@ import onnxruntime as ort
 from graphopt.errors import InputError
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+
+
+@dataclass(frozen=True)
+class InMemoryModel:
+    """A model ONNX Runtime loads from bytes, without writing it anywhere.
+
+    ``folder`` is where the proto's external-data locations resolve (ONNX Runtime refuses
+    locations that leave it, absolute ones and symbolic links included); ``initializers`` are
+    tensors handed over as arrays (typically read-only memory maps of files elsewhere), which
+    replace the proto's initializers of the same names without reading their locations.
+    """
+
+    proto: bytes
+    folder: Path | None = None
+    initializers: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+
+SessionSource = onnx.ModelProto | InMemoryModel | str | os.PathLike[str]
 
 
 def available_providers() -> list[str]:
@@ -42,7 +62,7 @@ def resolve_providers(names: Sequence[str]) -> list[str]:
 
 
 def make_session(
-    model: onnx.ModelProto | str | os.PathLike[str],
+    model: SessionSource,
     provider: str = "cpu",
     *,
     optimize: bool = True,
@@ -78,11 +98,23 @@ def make_session(
     if provider != "cpu":
         providers.append(PROVIDER_NAMES["cpu"])
     source: bytes | str
+    keep_alive: list[object] = []
     if isinstance(model, onnx.ModelProto):
         source = model.SerializeToString()
+    elif isinstance(model, InMemoryModel):
+        source = model.proto
+        if model.folder is not None:
+            options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, str(model.folder))
+        if model.initializers:
+            values = [ort.OrtValue.ortvalue_from_numpy(a) for a in model.initializers.values()]
+            options.add_external_initializers(list(model.initializers), values)
+            keep_alive = [values, model.initializers]
     else:
         source = str(Path(model))
-    return ort.InferenceSession(source, sess_options=options, providers=providers)
+    session = ort.InferenceSession(source, sess_options=options, providers=providers)
+    if keep_alive:  # ONNX Runtime reads these buffers for as long as the session lives
+        session._graphopt_buffers = keep_alive  # type: ignore[attr-defined]
+    return session
 
 
 def node_placement(

@@ -24,6 +24,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.errors import GraphoptError, InputError, PassError
+from graphopt.files import ENVIRONMENT_ERRNOS, storage_error
 from graphopt.model import Model, iter_graphs
 from graphopt.options import Option, resolve_options
 
@@ -85,14 +86,15 @@ class PassContext:
     seed: int = 0
     claims: WeightClaims = field(default_factory=WeightClaims)
     scope: frozenset[str] | None = None
-    progress: Callable[[str, int], None] | None = None
-    """Called with a step label and a batch index during long data-driven steps (for the CLI)."""
+    progress: Callable[[str, int, int | None], None] | None = None
+    """Called with a step label, a 0-based index and the step's total (None: the run's number
+    of data batches) during long steps (for the CLI's progress display)."""
     providers: tuple[str, ...] = ("cpu",)
     """Execution providers the result will be validated (and presumably deployed) on."""
 
-    def report_progress(self, label: str, index: int) -> None:
+    def report_progress(self, label: str, index: int, total: int | None = None) -> None:
         if self.progress is not None:
-            self.progress(label, index)
+            self.progress(label, index, total)
 
     def in_scope(self, node_name: str) -> bool:
         return self.scope is None or node_name in self.scope
@@ -144,6 +146,10 @@ class Pass(abc.ABC):
             self.ensures(result.model)
         except (InputError, PassError):
             raise
+        except OSError as error:
+            if error.errno not in ENVIRONMENT_ERRNOS:
+                raise PassError(self.name, (), f"{type(error).__name__}: {error}") from error
+            raise storage_error(error, f"pass '{self.name}' could not write a file") from error
         except GraphoptError as error:
             raise PassError(self.name, (), str(error)) from error
         except Exception as error:

@@ -1,17 +1,27 @@
 """The whole job behind ``graphopt optimize``, as one function the CLI and Python users share.
 
-load → normalize → plan → passes (with checks between them) → save → validate → report.
-The input file is only read; the output is written atomically; validation compares the output
-file against the input file, on the validation data when given, else on the calibration data.
-When validation fails, ``bisect`` finds the first failing pass and node, and ``per_tensor``
-reports where the error starts.
+load → normalize → plan → passes (with checks between them) → stage → validate → report →
+publish. The input file is only read. The output is written complete into a staging folder in
+the temporary folder (``tmp_dir``, default the system's), validated there against the input
+file (on the validation data when given, else on the calibration data), and published only
+then (:mod:`graphopt.files`): a run that stops with an error or an interrupt leaves ``OUT`` as
+it was, absent or the previous file. A failed validation still publishes the output (exit 1 in
+the CLI), for inspection. When validation fails, ``bisect`` finds the first failing pass and
+node, and ``per_tensor`` reports where the error starts.
 
-Default budget: runs of exact passes only are held to the exact tolerance; otherwise the loosest
-``budget`` declared by the lossy passes in the plan applies, unless the caller gives criteria.
+Default budget (:func:`budget_for`, the same rule in ``graphopt check``): exact passes only are
+held to the exact tolerance; otherwise the loosest ``budget`` declared by the lossy passes
+applies, unless the caller gives criteria.
+
+Arguments are checked before anything runs: a string where a list of passes or providers is
+expected, an empty plan, options that are not mappings, criteria that are not
+:class:`~graphopt.validate.Criteria`, or a provider this onnxruntime lacks are
+:class:`~graphopt.errors.OptionError` / :class:`~graphopt.errors.InputError` up front.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -31,11 +41,20 @@ from graphopt.data import (
     synthesize,
     synthesize_runnable,
 )
-from graphopt.errors import InputError
+from graphopt.errors import InputError, OptionError, PlanError
+from graphopt.files import (
+    check_output_target,
+    publish,
+    resolve_tmp_dir,
+    staging_folder,
+    storage_error,
+    write_atomic_text,
+)
 from graphopt.localize import TensorComparison, compare_tensors
 from graphopt.manager import PassManager, RunReport
-from graphopt.model import Model, check_output_path, model_file_bytes, save_model
+from graphopt.model import Model, check_output_path, model_file_bytes, write_model
 from graphopt.normalize import load_normalized
+from graphopt.ort import resolve_providers
 from graphopt.pass_api import Pass, PassContext, plan_opset
 from graphopt.registry import load_pass_class
 from graphopt.validate import Criteria, ValidationReport, compare_models, json_safe
@@ -92,6 +111,7 @@ class OptimizeReport:
 
 def build_passes(names: Sequence[str], options: Mapping[str, Mapping[str, Any]]) -> list[Pass]:
     """Instantiate the named passes with their options; options for unrequested passes fail."""
+    _check_plan_arguments(names, options)
     stray = sorted(set(options) - set(names))
     if stray:
         raise InputError(f"options given for pass '{stray[0]}', which is not in --passes")
@@ -115,14 +135,31 @@ def optimize(
     per_tensor: bool = False,
     bisect: bool = False,
     on_event: EventHook | None = None,
+    tmp_dir: str | os.PathLike[str] | None = None,
+    report_path: str | os.PathLike[str] | None = None,
 ) -> OptimizeReport:
-    """Run the pipeline; see the module docstring. Raises InputError on unusable input."""
+    """Run the pipeline; see the module docstring. Raises InputError on unusable input.
+
+    ``tmp_dir``: where temporary files go (None: the system's, ``TMPDIR`` honoured).
+    ``report_path``: the report as JSON, written before the output is published.
+    """
     emit = on_event or (lambda _kind, _info: None)
     source, target = Path(input_path), Path(output_path)
+    _check_plan_arguments(passes, options)
+    providers = resolve_providers(_provider_names(providers))
+    if criteria is not None and not isinstance(criteria, Criteria):
+        raise OptionError(f"criteria must be a graphopt.Criteria, not {type(criteria).__name__}")
+    scratch = resolve_tmp_dir(tmp_dir)
     check_output_path(target, source)
+    report_target = None if report_path is None else Path(report_path)
+    if report_target is not None:
+        check_output_target(report_target, "report")
     pass_objects = build_passes(list(passes), options or {})
     manager = PassManager(pass_objects, on_event=emit)
     emit("plan", {"plan": manager.plan})
+    chosen = criteria or default_criteria(manager.passes)
+    if validate:
+        emit("criteria", {"criteria": chosen, "source": _budget_source(criteria, manager.passes)})
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
@@ -130,6 +167,7 @@ def optimize(
         source,
         materialize_weights=any(item.reads_weights for item in pass_objects),
         min_opset=plan_opset(manager.passes),
+        tmp_dir=scratch,
     )
     timings["load_normalize"] = time.perf_counter() - started
     upgrade = model.opset_upgrade
@@ -140,72 +178,156 @@ def optimize(
 
     # synthesized data is probed on the input model only when something will run it
     probe = validate or not all(item.exact for item in pass_objects)
-    feeds = _feeds_for(model, data, batch_size, seed, source, input_shapes, probe=probe)
+    feeds, batches = _feeds_for(model, data, batch_size, seed, source, input_shapes, probe=probe)
     emit("data", {"description": feeds.description, "synthetic": feeds.synthetic})
-    check_feeds = feeds
+    check_feeds, check_batches = feeds, batches
     if validation_data is not None:
-        check_feeds = _feeds_for(model, validation_data, batch_size, seed, source, None)
+        check_feeds, check_batches = _feeds_for(
+            model, validation_data, batch_size, seed, source, None
+        )
         emit("validation-data", {"description": check_feeds.description})
 
     started = time.perf_counter()
     context = PassContext(
         data=feeds,
         seed=seed,
-        progress=lambda label, index: emit("progress", {"label": label, "index": index}),
+        progress=lambda label, index, total: emit(
+            "progress",
+            {"label": label, "index": index, "total": batches if total is None else total},
+        ),
         providers=tuple(providers),
     )
     model, run_report = manager.run(model, context)
     timings["passes"] = time.perf_counter() - started
 
-    started = time.perf_counter()
-    save_model(model, target)
-    timings["save"] = time.perf_counter() - started
+    with staging_folder(scratch) as stage:
+        started = time.perf_counter()
+        staged = write_model(model, stage / target.name)
+        timings["save"] = time.perf_counter() - started
+        del model
+        report = OptimizeReport(
+            input=str(source),
+            output=str(target),
+            plan=manager.plan,
+            normalize=normalize_stats.as_dict(),
+            run=run_report,
+            input_bytes=model_file_bytes(source),
+            output_bytes=model_file_bytes(staged),
+            data=check_feeds.description,
+            synthetic_data=check_feeds.synthetic,
+            opset=opset,
+            seconds=timings,
+        )
+        if validate:
+            _validate_staged(
+                report,
+                source,
+                staged,
+                manager.passes,
+                check_feeds,
+                chosen,
+                emit,
+                providers=providers,
+                seed=seed,
+                per_tensor=per_tensor,
+                bisect=bisect,
+                tmp_dir=scratch,
+                batches=check_batches,
+            )
+        if report_target is not None:
+            write_atomic_text(report_target, report_json(report))
+        try:
+            publish(staged, target)
+        except OSError as error:
+            if report_target is not None:
+                report_target.unlink(missing_ok=True)
+            raise storage_error(error, f"cannot write {target}") from error
     emit("saved", {"path": str(target)})
-    del model
+    return report
 
-    report = OptimizeReport(
-        input=str(source),
-        output=str(target),
-        plan=manager.plan,
-        normalize=normalize_stats.as_dict(),
-        run=run_report,
-        input_bytes=model_file_bytes(source),
-        output_bytes=model_file_bytes(target),
-        data=check_feeds.description,
-        synthetic_data=check_feeds.synthetic,
-        opset=opset,
-        seconds=timings,
-    )
-    if not validate:
-        return report
-    chosen = criteria or default_criteria(manager.passes)
+
+def report_json(report: OptimizeReport) -> str:
+    """The report as ``--report`` writes it."""
+    return json.dumps(report.to_dict(), indent=2, default=str) + "\n"
+
+
+def _validate_staged(
+    report: OptimizeReport,
+    source: Path,
+    staged: Path,
+    planned: Sequence[Pass],
+    feeds: Feeds,
+    criteria: Criteria,
+    emit: EventHook,
+    *,
+    providers: Sequence[str],
+    seed: int,
+    per_tensor: bool,
+    bisect: bool,
+    tmp_dir: Path,
+    batches: int | None,
+) -> None:
+    """Validate the staged output against the input; fill the report's validation parts."""
+    timings = report.seconds
     started = time.perf_counter()
-    emit("validate-start", {"providers": list(providers)})
+    emit("validate-start", {"providers": list(providers), "total": batches})
     report.validation = compare_models(
         source,
-        target,
-        check_feeds,
+        staged,
+        feeds,
         providers=providers,
-        criteria=chosen,
-        on_batch=lambda index: emit("validate-batch", {"index": index}),
+        criteria=criteria,
+        on_batch=lambda index: emit("validate-batch", {"index": index, "total": batches}),
         seed=seed,
+        tmp_dir=tmp_dir,
     )
     timings["validate"] = time.perf_counter() - started
     if per_tensor:
         emit("per-tensor-start", {})
-        report.per_tensor = compare_tensors(source, target, check_feeds, criteria=chosen)
+        report.per_tensor = compare_tensors(source, staged, feeds, criteria=criteria)
     if bisect and not report.validation.passed:
         emit("bisect-start", {})
         started = time.perf_counter()
         report.bisect = bisect_passes(
-            source, manager.passes, check_feeds, chosen, providers=providers, seed=seed
+            source, planned, feeds, criteria, providers=providers, seed=seed, tmp_dir=tmp_dir
         )
         timings["bisect"] = time.perf_counter() - started
-    return report
+
+
+def _provider_names(providers: object) -> list[str]:
+    if isinstance(providers, str) or not isinstance(providers, Sequence):
+        raise OptionError(
+            f"providers must be a list such as ['cpu'] or ['cpu', 'cuda'], not {providers!r}"
+        )
+    if not providers:
+        raise OptionError("providers is empty; give at least one, e.g. ['cpu']")
+    return [str(name) for name in providers]
+
+
+def _check_plan_arguments(passes: object, options: object) -> None:
+    """Module docstring: the plan's arguments are checked before anything runs."""
+    if isinstance(passes, str) or not isinstance(passes, Sequence):
+        raise OptionError(
+            f"passes must be a list of pass names such as ['cleanup'], not {passes!r}"
+        )
+    if not passes:
+        raise PlanError("no passes given (see 'graphopt passes')")
+    if not all(isinstance(name, str) for name in passes):
+        raise OptionError(f"passes must be pass names (strings), not {list(passes)!r}")
+    if options is None:
+        return
+    if not isinstance(options, Mapping):
+        raise OptionError(f"options must map pass names to option mappings, not {options!r}")
+    for name, values in options.items():
+        if not isinstance(values, Mapping):
+            raise OptionError(
+                f"options[{name!r}] must be a mapping of option names to values, "
+                f"e.g. {{'{name}': {{...}}}}, not {type(values).__name__} {values!r}"
+            )
 
 
 def default_criteria(planned: Sequence[Pass]) -> Criteria:
-    """The module's default budget for a plan."""
+    """The module's default budget for a plan (the loosest lossy pass's; exact when none)."""
     budgets = [item.budget for item in planned if not item.exact]
     if not budgets:
         return Criteria(exact=True)
@@ -224,8 +346,9 @@ def _feeds_for(
     input_shapes: Mapping[str, Sequence[int]] | None,
     *,
     probe: bool = True,
-) -> Feeds:
-    """Real data checked up front, or synthesized data the input model can run (``probe``)."""
+) -> tuple[Feeds, int]:
+    """Real data checked up front, or synthesized data the input model can run (``probe``);
+    with the number of batches (for progress totals)."""
     specs = input_specs(model.graph)
     if data is None:
         if probe:
@@ -233,11 +356,41 @@ def _feeds_for(
         else:
             feeds = synthesize(model.graph, seed=seed, input_shapes=input_shapes)
         logger.warning("no calibration/validation data given: using %s", feeds.description)
-        return feeds
+        return feeds, sum(1 for _ in feeds)
     if input_shapes:
         check_input_shapes(specs, input_shapes)
         logger.warning("--input-shapes only shapes synthesized data; ignored for the data given")
     feeds = open_data(data, specs, batch_size=batch_size)
+    batches = 0
     for _ in feeds:  # check every feed up front: bad data is an input error, not a late crash
-        pass
-    return feeds
+        batches += 1
+    return feeds, batches
+
+
+GENERIC_BUDGET_PASS = "quant"
+"""Whose budget ``graphopt check`` applies when it is not told which passes made the candidate."""
+
+
+def budget_for(names: Sequence[str] | None) -> tuple[Criteria, str]:
+    """The default budget (module docstring) for the passes ``names``, and where it comes from.
+
+    ``None`` (the passes are not known, as in ``graphopt check`` without ``--passes``): the
+    budget of ``quant``, graphopt's default lossy pass.
+    """
+    if names is None:
+        planned = [load_pass_class(GENERIC_BUDGET_PASS)({})]
+        return default_criteria(planned), f"default budget of {GENERIC_BUDGET_PASS}"
+    planned = build_passes(list(names), {})
+    return default_criteria(planned), _budget_source(None, planned)
+
+
+def _budget_source(criteria: Criteria | None, planned: Sequence[Pass]) -> str:
+    if criteria is not None:
+        return "given"
+    lossy = [item for item in planned if not item.exact]
+    if not lossy:
+        return "exact passes only"
+    loosest = min(lossy, key=lambda item: (item.budget.min_cosine, item.budget.min_snr_db))
+    return f"default budget of {loosest.name}" + (
+        f", the loosest of {', '.join(item.name for item in lossy)}" if len(lossy) > 1 else ""
+    )

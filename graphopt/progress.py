@@ -18,10 +18,14 @@ Rules:
    run for ``interval_s`` seconds, then at most one every ``interval_s`` seconds, each with the
    count, the total and percentage and an ETA when the total is known, the elapsed time, and the
    rate. A step shorter than ``interval_s`` writes nothing; a step that wrote anything writes one
-   final line when it finishes. Lines are written only when an event arrives (there is no timer
-   thread), so a single batch slower than ``interval_s`` is silent until it ends.
-4. A disabled display writes nothing at all.
-5. ``index`` is the 0-based index of the batch that has just finished, as the events carry it, so
+   final line when it finishes.
+4. Off a terminal, work that reports no batches (an SVD, a search loop, one slow batch) is not
+   silent either: :meth:`ProgressDisplay.activity` names what runs now, and a heartbeat thread
+   writes ``<activity>: still running, <elapsed>`` whenever nothing was written, and no batch
+   reported, for ``interval_s``. The thread lives from the first :meth:`activity` call to
+   :meth:`close` and writes under the same lock as everything else, so lines never interleave.
+5. A disabled display writes nothing at all.
+6. ``index`` is the 0-based index of the batch that has just finished, as the events carry it, so
    the count shown is ``index + 1``. ``total`` is the number of batches, or ``None`` when unknown.
 """
 
@@ -31,6 +35,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -133,6 +138,11 @@ class ProgressDisplay:
         self._bar: tqdm | None = None
         self._origin = clock()
         self._closed = False
+        self._lock = threading.RLock()
+        self._activity: tuple[str, float] | None = None
+        self._last_output = self._origin
+        self._stop_heartbeat = threading.Event()
+        self._heartbeat: threading.Thread | None = None
 
     def __enter__(self) -> ProgressDisplay:
         return self
@@ -161,6 +171,7 @@ class ProgressDisplay:
             self._step = current
             if self.terminal:
                 self._bar = self._open_bar(label, total)
+        self._last_output = max(self._last_output, now)  # steps write their own lines (rule 3)
         if current.first_event is None:
             current.first_event, current.first_done = now, done
         current.done, current.last_event = done, now
@@ -201,12 +212,43 @@ class ProgressDisplay:
         with logging_redirect_tqdm(loggers=loggers):
             yield
 
+    def activity(self, label: str) -> None:
+        """Rule 4: ``label`` (e.g. ``running quant``) is what runs from now on."""
+        if not self.enabled or self._closed or self.terminal:
+            return
+        with self._lock:
+            self._activity = (label, self.clock())
+        if self._heartbeat is None and self.interval_s > 0:
+            self._heartbeat = threading.Thread(
+                target=self._beat_until_closed, name="graphopt-progress", daemon=True
+            )
+            self._heartbeat.start()
+
+    def beat(self) -> None:
+        """Rule 4's check, once: write the heartbeat line if nothing was written for
+        ``interval_s`` (the heartbeat thread calls this; tests call it with a fake clock)."""
+        with self._lock:
+            if self._closed or self._activity is None:
+                return
+            now = self.clock()
+            if now - self._last_output < self.interval_s:
+                return
+            label, since = self._activity
+            self._write_line(f"{label}: still running, {format_duration(now - since)} elapsed")
+
+    def _beat_until_closed(self) -> None:
+        while not self._stop_heartbeat.wait(min(self.interval_s, 1.0)):
+            self.beat()
+
     def close(self) -> None:
         """Finish the current step; later calls do nothing. Safe to call more than once."""
         if self._closed:
             return
         self.finish()
         self._closed = True
+        self._stop_heartbeat.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=5)
 
     def _finish(self, *, origin: float) -> None:
         current, bar = self._step, self._bar
@@ -234,8 +276,10 @@ class ProgressDisplay:
         bar.update(done - bar.n)
 
     def _write_line(self, text: str) -> None:
-        self.stream.write(text + "\n")
-        self.stream.flush()
+        with self._lock:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+            self._last_output = self.clock()
 
     def _progress_line(self, current: _Step, now: float) -> str:
         elapsed = now - current.started

@@ -114,7 +114,9 @@ class Criteria:
     rtol: float = 1e-4
     atol: float = 1e-5
     min_cosine: float = 0.99
-    min_snr_db: float = 20.0
+    min_snr_db: float = 15.0
+    """The defaults are ``quant``'s budget, what ``graphopt check`` applies when it is not told
+    which passes made the candidate (:func:`graphopt.pipeline.budget_for`)."""
     min_top1: float | None = None
     per_channel: bool = True
     """Judge cosine and SNR on the worst channel as well as the whole tensor (rule 4)."""

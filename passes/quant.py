@@ -404,7 +404,7 @@ class QuantPass(Pass):
             candidates = [self._outlier_split(c, stats) for c in candidates]
         chosen = [c for c in candidates if _has_ranges(c, ranges)]
         if self._accuracy_driven(feeds) and held_aside is not None:
-            chosen = self._accuracy_search(model, chosen, ranges, held_aside, report)
+            chosen = self._accuracy_search(model, chosen, ranges, held_aside, report, context)
         self._apply(model.graph, chosen, ranges)
         report.quantized = [c.node.name for c in chosen]
         embeddings = (
@@ -840,6 +840,7 @@ class QuantPass(Pass):
         ranges: dict[str, tuple[float, float]],
         held_aside: Feeds,
         report: QuantReport,
+        context: PassContext,
     ) -> list[Candidate]:
         target = self.options["target_cosine"]
         evaluator = _Evaluator(model, held_aside)
@@ -850,13 +851,17 @@ class QuantPass(Pass):
         if score >= target:
             return chosen
         harm = {}
-        for candidate in chosen:
+        for index, candidate in enumerate(chosen):
             harm[candidate.node.name] = 1.0 - evaluator.score(self, [candidate], ranges)
+            context.report_progress("quant: each node's accuracy cost", index, len(chosen))
         remaining = sorted(chosen, key=lambda c: harm[c.node.name])
         demoted: list[Candidate] = []
         while remaining and score < target:
             worst = remaining.pop()
             name = worst.node.name
+            context.report_progress(
+                "quant: nodes back to float", len(chosen) - len(remaining) - 1, len(chosen)
+            )
             if self.options["fallback"] == "dynamic" and _can_be_dynamic(worst):
                 trial = evaluator.score(
                     self, [*remaining, *demoted, worst.with_scheme("dynamic")], ranges

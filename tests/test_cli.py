@@ -276,26 +276,31 @@ def test_cli_leaves_the_callers_logging_as_it_was(capsys: pytest.CaptureFixture[
     assert G_LOGGER.severity == severity
 
 
-def test_sigterm_unwinds_like_ctrl_c(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A SIGTERM (CI timeout, kill) unwinds, so temporary files are cleaned up; the handler
-    is put back afterwards."""
+def test_sigterm_unwinds_and_exits_143(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real SIGTERM during validation (a CI timeout, ``kill``) unwinds through click, exits
+    143 (not 2, which means a usage error), leaves no output, and the handler is put back."""
     import os
     import signal
     import time
 
     import graphopt.cli as cli_module
+    import graphopt.pipeline as pipeline
 
-    def killed(args: list[str], debug: bool) -> int:
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)
-        except KeyboardInterrupt:
-            return 130
-        return 0
+    def killed(*args: object, **kwargs: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
 
-    monkeypatch.setattr(cli_module, "_run", killed)
+    monkeypatch.setattr(pipeline, "compare_models", killed)
     before = signal.getsignal(signal.SIGTERM)
-    assert cli_module.main(["passes"]) == 130
+    out = tmp_path / "o.onnx"
+    args = ["optimize", str(DIGITS_MODEL), str(out), "--passes", "cleanup"]
+    started = time.perf_counter()
+    assert cli_module.main([*args, "--calib-data", str(DIGITS_DATA)]) == 143
+    assert time.perf_counter() - started < 5
+    assert "terminated (SIGTERM)" in capsys.readouterr().err
+    assert not out.exists()
     assert signal.getsignal(signal.SIGTERM) is before
 
 

@@ -9,6 +9,7 @@ import os
 import re
 import select
 import sys
+import time
 
 import pytest
 
@@ -311,3 +312,58 @@ def test_logging_is_left_alone_off_a_terminal() -> None:
             assert logger.handlers == [handler]
     finally:
         logger.removeHandler(handler)
+
+
+class _FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_heartbeat_names_the_running_activity_when_nothing_else_was_written() -> None:
+    """Issue 16.8: an SVD or a search loop reports no batches; the log must not go silent."""
+    clock, stream = _FakeClock(), io.StringIO()
+    display = ProgressDisplay(stream, terminal=False, interval_s=10, clock=clock)
+    display.activity("running lowrank")
+    clock.now = 9.0
+    display.beat()
+    assert stream.getvalue() == ""
+    clock.now = 25.0
+    display.beat()
+    assert stream.getvalue() == "running lowrank: still running, 25 s elapsed\n"
+    clock.now = 30.0
+    display.beat()  # 5 s after the last line: nothing yet
+    assert stream.getvalue().count("\n") == 1
+    display.finish()
+    display.step("quant: calibrating", 0, 4)  # batches arrive: the step's own lines take over
+    clock.now = 39.0
+    display.step("quant: calibrating", 1, 4)
+    display.beat()  # 14 s after the last line, but a batch came 0 s ago
+    assert stream.getvalue().count("\n") == 1
+    display.close()
+
+
+def test_heartbeat_thread_writes_and_stops_with_close() -> None:
+    stream = io.StringIO()
+    display = ProgressDisplay(stream, terminal=False, interval_s=0.05)
+    display.activity("validating")
+    deadline = time.monotonic() + 5
+    while "still running" not in stream.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    display.close()
+    assert "validating: still running" in stream.getvalue()
+    written = stream.getvalue()
+    time.sleep(0.2)
+    assert stream.getvalue() == written  # closed: the thread is gone
+    assert display._heartbeat is not None and not display._heartbeat.is_alive()
+
+
+def test_no_heartbeat_on_a_terminal() -> None:
+    stream = io.StringIO()
+    display = ProgressDisplay(stream, terminal=True, interval_s=0.01)
+    display.activity("running quant")
+    time.sleep(0.05)
+    display.close()
+    assert "still running" not in stream.getvalue()

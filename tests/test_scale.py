@@ -28,6 +28,7 @@ from graphopt.model import (
     weight_values,
 )
 from graphopt.normalize import normalize
+from graphopt.ort import make_session
 from graphopt.pipeline import optimize
 from graphopt.validate import compare_models
 
@@ -74,16 +75,18 @@ def test_weight_values_leaves_lazy_weights_on_disk(tmp_path: Path) -> None:
     assert isinstance(constant._values, ExternalValues)  # graphsurgeon's .values would cache it
 
 
-def test_large_computed_weights_spill_beside_the_source_and_save(tmp_path: Path) -> None:
+def test_large_computed_weights_spill_to_the_tmp_dir_and_save(tmp_path: Path) -> None:
     source = _save_external(_deep_mlp(1), tmp_path / "m.onnx")
-    model = load_model(source)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    model = load_model(source, tmp_dir=scratch)
     constant = model.graph.nodes[0].inputs[1]
     new = np.full((WIDTH, WIDTH), 0.5, np.float32)
     set_weight(model, constant, new)
     spilled = constant._values
     assert isinstance(spilled, SpilledValues)
     path = Path(spilled.base_dir) / spilled.tensor.external_data[0].value
-    assert path.is_file() and path.parent.parent == tmp_path
+    assert path.is_file() and path.parent.parent == scratch  # never beside the source
     small = gs.Constant("small", np.ones(4, np.float32))
     set_weight(model, small, np.zeros(4, np.float32))
     assert isinstance(small._values, np.ndarray)  # under 1 MiB: stays in memory
@@ -94,8 +97,14 @@ def test_large_computed_weights_spill_beside_the_source_and_save(tmp_path: Path)
     np.testing.assert_allclose(run_ort(out, feed)[0], np.tanh(feed["x"] @ new), rtol=1e-5)
 
     with runnable_model(model) as runnable:  # spilled and source weights are both referenced
-        data_files = list(runnable.parent.glob(runnable.name + ".data"))
-        assert all(f.stat().st_size < new.nbytes for f in data_files)
+        mapped = runnable.initializers[constant.name]
+        assert isinstance(mapped, np.memmap)  # the spilled weight is mapped, not copied
+        np.testing.assert_array_equal(mapped, new)
+        session = make_session(runnable)
+        np.testing.assert_allclose(session.run(None, feed)[0], np.tanh(feed["x"] @ new), rtol=1e-5)
+        del session, mapped
+    beside = sorted(item.name for item in tmp_path.iterdir())
+    assert beside == ["m.onnx", "m.onnx.data", "out.onnx", "out.onnx.data", "scratch"]
 
     folder = path.parent
     del model, constant, spilled

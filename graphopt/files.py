@@ -1,0 +1,301 @@
+"""Where graphopt writes files, and how an output appears.
+
+Rules:
+
+1. Temporary files (spilled weights, copies ONNX Runtime runs, staged outputs, reference
+   outputs) live in one temporary folder: ``--tmp-dir`` / ``tmp_dir``, by default the system's
+   (``TMPDIR`` honoured). Nothing is written into the input model's folder, so a read-only model
+   store works, and a hard kill leaves nothing outside the temporary folder.
+2. An output path must be absent or a regular file, and so must its ``OUT.data``. A symbolic
+   link, device, FIFO or folder there is refused (a symlink is not written through: replacing
+   what it points at would surprise whoever shares the link).
+3. An output is written complete into a private staging folder inside the temporary folder
+   and checked there; only then is it published. Publishing renames the staged files into place
+   (or, across file systems, copies each into an unnamed file in the output folder and links it
+   in). So ``OUT`` is always absent, the previous file, or a complete model: never a partial one.
+4. ``OUT.data`` and ``OUT`` cannot change together. When the previous ``OUT`` reads the data
+   file about to be replaced, the previous ``OUT`` is removed first, so no moment pairs an old
+   model with new data. A previous ``OUT.data`` that the new output no longer needs is removed
+   once the new ``OUT`` is in place.
+5. Publishing into a folder holds an exclusive lock on that folder (``flock`` on the folder
+   itself, no lock file), so two runs writing the same output cannot interleave their files:
+   the last one to publish wins, whole.
+6. Published files get the mode any file the user creates gets (``0o666`` less the umask).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+from onnx import external_data_helper
+
+from graphopt.errors import InputError, StorageError
+
+logger = logging.getLogger(__name__)
+
+TmpDir = str | os.PathLike[str] | None
+_COPY_CHUNK_BYTES = 16 * 1024 * 1024
+_NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT})
+ENVIRONMENT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+)
+"""OSError codes that mean the machine (disk, permissions), not graphopt, is at fault."""
+
+
+def resolve_tmp_dir(tmp_dir: TmpDir = None) -> Path:
+    """Rule 1: the temporary folder to use, checked to exist and be writable."""
+    folder = Path(tmp_dir) if tmp_dir is not None else Path(tempfile.gettempdir())
+    flag = "--tmp-dir" if tmp_dir is not None else "TMPDIR or --tmp-dir"
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise InputError(f"temporary folder {folder} {what} (set {flag})")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"temporary folder {folder} is not writable (set {flag})")
+    return folder
+
+
+def storage_error(error: OSError, what: str) -> StorageError:
+    """A one-line error for an OSError caused by the environment (full disk, read-only)."""
+    reason = error.strerror or str(error)
+    where = f" ({error.filename})" if error.filename else ""
+    return StorageError(f"{what}: {reason}{where}")
+
+
+def check_output_target(path: Path, label: str = "output") -> None:
+    """Rule 2 for one path: absent or a regular file, in an existing writable folder."""
+    if path.is_symlink():
+        raise InputError(
+            f"{label} {path} is a symbolic link (to {os.readlink(path)}); give the real path"
+        )
+    if path.exists():
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise InputError(f"{label} {path} is a folder; give a file name")
+        if not stat.S_ISREG(mode):
+            raise InputError(
+                f"{label} {path} is not a regular file ({_kind(mode)}); refusing to replace it"
+            )
+    parent = path.parent
+    if not parent.exists():
+        raise InputError(f"cannot write {path}: folder {parent} does not exist")
+    if not parent.is_dir():
+        raise InputError(f"cannot write {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {path}: folder {parent} is not writable")
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def file_mode() -> int:
+    """Rule 6: the mode a newly created file gets under the current umask."""
+    return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the system allows."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # no /proc: the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def staging_folder(tmp_dir: Path) -> Iterator[Path]:
+    """Rule 3: a private folder in ``tmp_dir`` for one output; removed on exit, however left."""
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="graphopt-out-", dir=tmp_dir))
+    except OSError as error:
+        raise storage_error(error, f"cannot create a staging folder in {tmp_dir}") from error
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def data_file_name(model_path: Path) -> str:
+    """The external-data file name graphopt gives an output: ``OUT.data``."""
+    return model_path.name + ".data"
+
+
+def referenced_data_files(model_path: Path) -> set[str]:
+    """Locations of external data a model file refers to (empty when it cannot be read)."""
+    try:
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except Exception:  # a previous output that is not a model: it refers to nothing
+        return set()
+    return {
+        external_data_helper.ExternalDataInfo(tensor).location
+        for tensor in external_data_helper._get_all_tensors(proto)
+        if external_data_helper.uses_external_data(tensor)
+    }
+
+
+def publish(staged: Path, target: Path) -> None:
+    """Rules 3-5: move the staged model (and its ``.data`` file, if any) to ``target``."""
+    data_name = data_file_name(target)
+    staged_data = staged.with_name(data_file_name(staged))
+    check_output_target(target)
+    check_output_target(target.with_name(data_name), "output data file")
+    with _folder_lock(target.parent):
+        previous = referenced_data_files(target) if target.is_file() else set()
+        new_data = staged_data.is_file()
+        if new_data and data_name in previous:
+            target.unlink()  # rule 4: never an old model beside new data
+        if new_data:
+            _place(staged_data, target.with_name(data_name))
+        _place(staged, target)
+        if not new_data and data_name in previous:
+            target.with_name(data_name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # closing releases the lock
+
+
+def _place(source: Path, target: Path) -> None:
+    """Rename ``source`` onto ``target``; across file systems, copy without a visible partial."""
+    try:
+        os.replace(source, target)
+        return
+    except OSError as error:
+        if error.errno != errno.EXDEV:
+            raise
+    try:
+        handle = os.open(target.parent, os.O_TMPFILE | os.O_WRONLY, file_mode())
+    except OSError as error:
+        if error.errno not in _NO_TMPFILE:
+            raise
+        _copy_named(source, target)
+        return
+    try:
+        _copy_into(source, handle)
+        _link_replace(handle, target)
+    finally:
+        os.close(handle)
+
+
+def _copy_into(source: Path, handle: int) -> None:
+    with open(source, "rb") as src:
+        while chunk := src.read(_COPY_CHUNK_BYTES):
+            _write_all(handle, chunk)
+    os.fsync(handle)
+
+
+def _link_replace(handle: int, target: Path) -> None:
+    """Give the unnamed file ``handle`` the name ``target``, replacing what is there.
+
+    The file gets a hidden name first and is renamed over ``target`` right after (a link
+    cannot replace a file); only a hard kill between those two calls leaves the hidden name.
+    """
+    folder = os.open(target.parent, os.O_RDONLY)
+    try:
+        for _ in range(8):
+            temp = f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+            try:  # a dir_fd makes os.link call linkat(), which follows the /proc link
+                os.link(f"/proc/self/fd/{handle}", temp, dst_dir_fd=folder)
+            except FileExistsError:
+                continue
+            try:
+                os.replace(temp, target.name, src_dir_fd=folder, dst_dir_fd=folder)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp, dir_fd=folder)
+                raise
+            return
+    finally:
+        os.close(folder)
+    raise OSError(errno.EEXIST, "could not pick a temporary name", str(target.parent))
+
+
+def _copy_named(source: Path, target: Path) -> None:
+    """Fallback for file systems without unnamed files: a hidden temporary beside ``target``."""
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    temp = Path(name)
+    try:
+        os.fchmod(handle, file_mode())
+        _copy_into(source, handle)
+        os.close(handle)
+        handle = -1
+        os.replace(temp, target)
+    finally:
+        if handle >= 0:
+            os.close(handle)
+        temp.unlink(missing_ok=True)
+
+
+def write_atomic_text(path: Path, text: str) -> None:
+    """Write a small text file (a report) completely or not at all, with the umask's mode.
+
+    Like :func:`_place`, the bytes go into an unnamed file in the target's folder that is linked
+    in once complete, so even a hard kill leaves no partial or temporary file behind.
+    """
+    check_output_target(path, "report")
+    data = text.encode("utf-8")
+    try:
+        try:
+            handle = os.open(path.parent, os.O_TMPFILE | os.O_WRONLY, file_mode())
+        except OSError as error:
+            if error.errno not in _NO_TMPFILE:
+                raise
+            _write_named(data, path)
+            return
+        try:
+            _write_all(handle, data)
+            os.fsync(handle)
+            _link_replace(handle, path)
+        finally:
+            os.close(handle)
+    except OSError as error:
+        raise storage_error(error, f"cannot write {path}") from error
+
+
+def _write_all(handle: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(handle, view)
+        view = view[written:]
+
+
+def _write_named(data: bytes, path: Path) -> None:
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temp = Path(name)
+    try:
+        os.fchmod(handle, file_mode())
+        _write_all(handle, data)
+        os.fsync(handle)
+        os.close(handle)
+        handle = -1
+        os.replace(temp, path)
+    finally:
+        if handle >= 0:
+            os.close(handle)
+        temp.unlink(missing_ok=True)
