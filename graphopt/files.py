@@ -33,7 +33,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import onnx
@@ -189,15 +189,26 @@ def _place(source: Path, target: Path) -> None:
     except OSError as error:
         if error.errno != errno.EXDEV:
             raise
+    _write_whole(target, lambda handle: _copy_into(source, handle))
+
+
+def _write_whole(target: Path, fill: Callable[[int], None]) -> None:
+    """Create ``target`` (replacing it) with what ``fill`` writes to a file descriptor.
+
+    The bytes go into an unnamed file (``O_TMPFILE``) in the target's folder, linked in once
+    complete and synced, so even a hard kill leaves no partial or temporary file behind. File
+    systems without unnamed files get a hidden temporary name beside ``target`` instead.
+    """
     try:
         handle = os.open(target.parent, os.O_TMPFILE | os.O_WRONLY, file_mode())
     except OSError as error:
         if error.errno not in _NO_TMPFILE:
             raise
-        _copy_named(source, target)
+        _write_named(target, fill)
         return
     try:
-        _copy_into(source, handle)
+        fill(handle)
+        os.fsync(handle)
         _link_replace(handle, target)
     finally:
         os.close(handle)
@@ -207,7 +218,13 @@ def _copy_into(source: Path, handle: int) -> None:
     with open(source, "rb") as src:
         while chunk := src.read(_COPY_CHUNK_BYTES):
             _write_all(handle, chunk)
-    os.fsync(handle)
+
+
+def _write_all(handle: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(handle, view)
+        view = view[written:]
 
 
 def _link_replace(handle: int, target: Path) -> None:
@@ -236,13 +253,14 @@ def _link_replace(handle: int, target: Path) -> None:
     raise OSError(errno.EEXIST, "could not pick a temporary name", str(target.parent))
 
 
-def _copy_named(source: Path, target: Path) -> None:
-    """Fallback for file systems without unnamed files: a hidden temporary beside ``target``."""
+def _write_named(target: Path, fill: Callable[[int], None]) -> None:
+    """:func:`_write_whole` without unnamed files: a hidden temporary beside ``target``."""
     handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     temp = Path(name)
     try:
         os.fchmod(handle, file_mode())
-        _copy_into(source, handle)
+        fill(handle)
+        os.fsync(handle)
         os.close(handle)
         handle = -1
         os.replace(temp, target)
@@ -253,49 +271,11 @@ def _copy_named(source: Path, target: Path) -> None:
 
 
 def write_atomic_text(path: Path, text: str) -> None:
-    """Write a small text file (a report) completely or not at all, with the umask's mode.
-
-    Like :func:`_place`, the bytes go into an unnamed file in the target's folder that is linked
-    in once complete, so even a hard kill leaves no partial or temporary file behind.
-    """
+    """Write a small text file (a report) completely or not at all (:func:`_write_whole`), with
+    the umask's mode."""
     check_output_target(path, "report")
     data = text.encode("utf-8")
     try:
-        try:
-            handle = os.open(path.parent, os.O_TMPFILE | os.O_WRONLY, file_mode())
-        except OSError as error:
-            if error.errno not in _NO_TMPFILE:
-                raise
-            _write_named(data, path)
-            return
-        try:
-            _write_all(handle, data)
-            os.fsync(handle)
-            _link_replace(handle, path)
-        finally:
-            os.close(handle)
+        _write_whole(path, lambda handle: _write_all(handle, data))
     except OSError as error:
         raise storage_error(error, f"cannot write {path}") from error
-
-
-def _write_all(handle: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(handle, view)
-        view = view[written:]
-
-
-def _write_named(data: bytes, path: Path) -> None:
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    temp = Path(name)
-    try:
-        os.fchmod(handle, file_mode())
-        _write_all(handle, data)
-        os.fsync(handle)
-        os.close(handle)
-        handle = -1
-        os.replace(temp, path)
-    finally:
-        if handle >= 0:
-            os.close(handle)
-        temp.unlink(missing_ok=True)

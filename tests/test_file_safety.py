@@ -321,3 +321,45 @@ def test_python_api_refuses_a_provider_onnxruntime_lacks(tmp_path: Path) -> None
     with pytest.raises(InputError, match="'cuda' is not available"):
         graphopt.optimize(DIGITS_MODEL, out, ["cleanup"], providers=["cuda"])
     assert not out.exists()
+
+
+def test_file_systems_without_unnamed_files_still_publish_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where O_TMPFILE is refused (NFS, older overlayfs), a hidden temporary name is used, and
+    removed: the published files are the same and nothing else is left."""
+    import errno
+
+    import graphopt.files as files
+
+    real_open = os.open
+
+    def no_unnamed_files(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, "unnamed files are not supported")
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    files.write_atomic_text(out_dir / "r.json", "{}\n")
+    staged = tmp_path / "staged.onnx"
+    staged.write_bytes(b"model bytes")
+    monkeypatch.setattr(files.os, "open", no_unnamed_files)
+    monkeypatch.setattr(files.os, "replace", _cross_device(os.replace, staged))
+    files.write_atomic_text(out_dir / "r.json", '{"new": true}\n')
+    files.publish(staged, out_dir / "m.onnx")
+    assert (out_dir / "r.json").read_text() == '{"new": true}\n'
+    assert (out_dir / "m.onnx").read_bytes() == b"model bytes"
+    assert sorted(p.name for p in out_dir.iterdir()) == ["m.onnx", "r.json"]
+
+
+def _cross_device(replace, source: Path):  # type: ignore[no-untyped-def]
+    """os.replace that fails with EXDEV for ``source``, as across file systems."""
+    import errno
+
+    def patched(src: object, dst: object, *args: object, **kwargs: object) -> None:
+        if Path(str(src)) == source:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        replace(src, dst, *args, **kwargs)
+
+    return patched
