@@ -11,8 +11,9 @@ Rules:
    what it points at would surprise whoever shares the link).
 3. An output is written complete into a private staging folder inside the temporary folder
    and checked there; only then is it published. Publishing renames the staged files into place
-   (or, across file systems, copies each into an unnamed file in the output folder and links it
-   in). So ``OUT`` is always absent, the previous file, or a complete model: never a partial one.
+   (or, across file systems, first copies each into an unnamed file in the output folder, so a
+   full disk fails before anything is replaced, then links them in). So ``OUT`` is always
+   absent, the previous file, or a complete model: never a partial one.
 4. ``OUT.data`` and ``OUT`` cannot change together. When the previous ``OUT`` reads the data
    file about to be replaced, the previous ``OUT`` is removed first, so no moment pairs an old
    model with new data. A previous ``OUT.data`` that the new output no longer needs is removed
@@ -154,19 +155,26 @@ def referenced_data_files(model_path: Path) -> set[str]:
 
 
 def publish(staged: Path, target: Path) -> None:
-    """Rules 3-5: move the staged model (and its ``.data`` file, if any) to ``target``."""
+    """Rules 3-5: move the staged model (and its ``.data`` file, if any) to ``target``.
+
+    Two phases: first every file's bytes are made ready on the output's file system (nothing
+    to do when the staging folder is on it; else a complete unnamed copy), so a full disk
+    fails here with ``OUT`` untouched; then the files are linked or renamed into place.
+    """
     data_name = data_file_name(target)
     staged_data = staged.with_name(data_file_name(staged))
     check_output_target(target)
     check_output_target(target.with_name(data_name), "output data file")
-    with _folder_lock(target.parent):
+    new_data = staged_data.is_file()
+    moves = [(staged_data, target.with_name(data_name))] if new_data else []
+    moves.append((staged, target))
+    with _folder_lock(target.parent), contextlib.ExitStack() as cleanup:
+        ready = [_PendingFile.copy_of(source, goal, cleanup) for source, goal in moves]
         previous = referenced_data_files(target) if target.is_file() else set()
-        new_data = staged_data.is_file()
         if new_data and data_name in previous:
             target.unlink()  # rule 4: never an old model beside new data
-        if new_data:
-            _place(staged_data, target.with_name(data_name))
-        _place(staged, target)
+        for pending in ready:
+            pending.commit()
         if not new_data and data_name in previous:
             target.with_name(data_name).unlink(missing_ok=True)
 
@@ -181,37 +189,63 @@ def _folder_lock(folder: Path) -> Iterator[None]:
         os.close(handle)  # closing releases the lock
 
 
-def _place(source: Path, target: Path) -> None:
-    """Rename ``source`` onto ``target``; across file systems, copy without a visible partial."""
-    try:
-        os.replace(source, target)
-        return
-    except OSError as error:
-        if error.errno != errno.EXDEV:
-            raise
-    _write_whole(target, lambda handle: _copy_into(source, handle))
+def _same_file_system(path: Path, folder: Path) -> bool:
+    return path.stat().st_dev == folder.stat().st_dev
 
 
-def _write_whole(target: Path, fill: Callable[[int], None]) -> None:
-    """Create ``target`` (replacing it) with what ``fill`` writes to a file descriptor.
+class _PendingFile:
+    """A file's complete bytes on the target's file system, not yet under the target's name.
 
-    The bytes go into an unnamed file (``O_TMPFILE``) in the target's folder, linked in once
-    complete and synced, so even a hard kill leaves no partial or temporary file behind. File
-    systems without unnamed files get a hidden temporary name beside ``target`` instead.
+    Three forms: a source on the same file system (committed by a rename); an unnamed file
+    (``O_TMPFILE``: a hard kill leaves nothing); or, where unnamed files are refused (NFS,
+    older overlayfs), a hidden temporary beside the target. ``cleanup`` closes or removes
+    whatever was not committed.
     """
-    try:
-        handle = os.open(target.parent, os.O_TMPFILE | os.O_WRONLY, file_mode())
-    except OSError as error:
-        if error.errno not in _NO_TMPFILE:
-            raise
-        _write_named(target, fill)
-        return
-    try:
+
+    def __init__(self, target: Path, *, rename: Path | None = None, handle: int = -1) -> None:
+        self.target, self.rename, self.handle = target, rename, handle
+
+    @classmethod
+    def copy_of(cls, source: Path, target: Path, cleanup: contextlib.ExitStack) -> _PendingFile:
+        if _same_file_system(source, target.parent):
+            return cls(target, rename=source)
+        return cls.written(target, lambda handle: _copy_into(source, handle), cleanup)
+
+    @classmethod
+    def written(
+        cls, target: Path, fill: Callable[[int], None], cleanup: contextlib.ExitStack
+    ) -> _PendingFile:
+        """A new file with what ``fill`` writes to its descriptor, synced."""
+        try:
+            handle = os.open(target.parent, os.O_TMPFILE | os.O_WRONLY, file_mode())
+        except OSError as error:
+            if error.errno not in _NO_TMPFILE:
+                raise
+            return cls._written_named(target, fill, cleanup)
+        cleanup.callback(os.close, handle)
         fill(handle)
         os.fsync(handle)
-        _link_replace(handle, target)
-    finally:
-        os.close(handle)
+        return cls(target, handle=handle)
+
+    @classmethod
+    def _written_named(
+        cls, target: Path, fill: Callable[[int], None], cleanup: contextlib.ExitStack
+    ) -> _PendingFile:
+        handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        temp = Path(name)
+        cleanup.callback(temp.unlink, missing_ok=True)  # a no-op once renamed into place
+        with os.fdopen(handle, "wb") as file:
+            os.fchmod(file.fileno(), file_mode())
+            fill(file.fileno())
+            os.fsync(file.fileno())
+        return cls(target, rename=temp)
+
+    def commit(self) -> None:
+        """Give the bytes the target's name, replacing what is there."""
+        if self.rename is not None:
+            os.replace(self.rename, self.target)
+        else:
+            _link_replace(self.handle, self.target)
 
 
 def _copy_into(source: Path, handle: int) -> None:
@@ -253,29 +287,13 @@ def _link_replace(handle: int, target: Path) -> None:
     raise OSError(errno.EEXIST, "could not pick a temporary name", str(target.parent))
 
 
-def _write_named(target: Path, fill: Callable[[int], None]) -> None:
-    """:func:`_write_whole` without unnamed files: a hidden temporary beside ``target``."""
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    temp = Path(name)
-    try:
-        os.fchmod(handle, file_mode())
-        fill(handle)
-        os.fsync(handle)
-        os.close(handle)
-        handle = -1
-        os.replace(temp, target)
-    finally:
-        if handle >= 0:
-            os.close(handle)
-        temp.unlink(missing_ok=True)
-
-
 def write_atomic_text(path: Path, text: str) -> None:
-    """Write a small text file (a report) completely or not at all (:func:`_write_whole`), with
-    the umask's mode."""
+    """Write a small text file (a report) completely or not at all (:class:`_PendingFile`),
+    with the umask's mode."""
     check_output_target(path, "report")
     data = text.encode("utf-8")
     try:
-        _write_whole(path, lambda handle: _write_all(handle, data))
+        with contextlib.ExitStack() as cleanup:
+            _PendingFile.written(path, lambda handle: _write_all(handle, data), cleanup).commit()
     except OSError as error:
         raise storage_error(error, f"cannot write {path}") from error

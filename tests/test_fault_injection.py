@@ -292,3 +292,29 @@ def test_publishing_across_file_systems_is_whole(
         _assert_whole(scene, [outputs["fp16"]], input_digest)
         assert done.returncode == 0, done.stderr
         assert folder_digest(scene.out.parent) == outputs["fp16"]
+
+
+def test_full_disk_while_replacing_keeps_the_previous_output(
+    tmp_path: Path,
+    model_files: tuple[Path, Path],
+    outputs: dict[str, dict[str, str]],
+    input_digest: dict[str, str],
+) -> None:
+    """The output folder holds the previous 8 MB pair and 1 MB more: the new 4 MB fp16 pair
+    cannot be copied in, and that is found before the previous pair is touched."""
+    scene = _scene(tmp_path, model_files)
+    previous_bytes = sum(
+        (scene.source.parent / name).stat().st_size for name in ("model.onnx", "model.onnx.data")
+    )
+    with small_disk(scene.out.parent, previous_bytes + (1 << 20)) as limit:
+        if limit is not None:
+            pytest.skip("needs a size-limited file system (mount is refused without root)")
+        assert scene.run("cleanup").returncode == 0
+        before = folder_digest(scene.out.parent)
+        assert before == outputs["cleanup"]
+        done = scene.run("fp16")
+        assert done.returncode == 2, done.stderr
+        assert "No space left on device" in done.stderr
+        assert folder_digest(scene.out.parent) == before  # the previous pair, untouched
+    _assert_whole(scene, [outputs["cleanup"]], input_digest)
+    assert list(scene.tmp.iterdir()) == []
