@@ -6,8 +6,10 @@ Rules:
    error (a bad flag, model file, option, data set, shape or path, a full disk or read-only
    folder: the user can fix it); 3 a bug (any other exception: ``internal error … please report
    it``); 130 interrupted by Ctrl-C (SIGINT), 143 terminated by SIGTERM, after temporary files
-   are removed. On 2, 3, 130 and 143 ``optimize`` leaves its output as it was (absent or the
-   previous file) and writes no report (:mod:`graphopt.pipeline`).
+   are removed. On 2, 3, 130 and 143 ``optimize`` leaves its output and report as they were
+   (absent or the previous files), except for an interrupt that arrives while the finished
+   output is being published: that takes effect right after publishing
+   (:func:`graphopt.files.publish`), with the new output and report in place.
 2. Errors are one line on stderr. ``--debug`` adds the traceback and debug logs; ``-v`` logs every
    skipped candidate, ``-vv`` debug logs. Both are accepted before the subcommand and after it
    (``graphopt optimize … --debug``), and counts add up.
@@ -44,7 +46,15 @@ from graphopt.data import (
     synthesize_runnable,
 )
 from graphopt.errors import GraphoptError, InputError, PassError
-from graphopt.files import check_output_target, resolve_tmp_dir, write_atomic_text
+from graphopt.files import (
+    ENVIRONMENT_ERRNOS,
+    check_distinct,
+    check_output_target,
+    model_roles,
+    resolve_tmp_dir,
+    storage_error,
+    write_atomic_text,
+)
 from graphopt.gate import run_gate
 from graphopt.localize import TensorComparison, compare_tensors, first_divergence
 from graphopt.model import load_model
@@ -586,6 +596,9 @@ def check_command(
 ) -> int:
     """Gate a CANDIDATE model against its REFERENCE: exit 0 if every criterion holds, else 1."""
     _check_writable(json_path, junit_path)
+    for models in (model_roles(reference, "reference"), model_roles(candidate, "candidate")):
+        # (a model checked against itself is fine; a report written over one is not)
+        check_distinct({**models, "the --json report": json_path, "the --junit report": junit_path})
     scratch = resolve_tmp_dir(tmp_dir)
     provider_names = resolve_providers(_split_names(providers) or ["cpu"])
     if exact and (min_cosine is not None or min_snr is not None or whole_tensor):
@@ -944,18 +957,29 @@ def _run(args: list[str], debug: bool) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt as interrupt:
         return _interrupted(interrupt)
-    except Exception as error:  # rule 1: anything else is a bug
+    except OSError as error:
+        if error.errno not in ENVIRONMENT_ERRNOS:
+            return _internal_error(error, debug)
         if debug:
             traceback.print_exc()
-        lines = [line for line in str(error).splitlines() if line.strip()]
-        what = type(error).__name__ + (f": {lines[0].strip()}" if lines else "")
-        click.echo(
-            f"graphopt: internal error: {what} — please report it; "
-            "rerun with --debug for the traceback",
-            err=True,
-        )
-        return EXIT_BUG
+        click.echo(f"graphopt: error: {storage_error(error, 'cannot write a file')}", err=True)
+        return EXIT_USAGE
+    except Exception as error:  # rule 1: anything else is a bug
+        return _internal_error(error, debug)
     return int(result or 0)
+
+
+def _internal_error(error: Exception, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    what = type(error).__name__ + (f": {lines[0].strip()}" if lines else "")
+    click.echo(
+        f"graphopt: internal error: {what} — please report it; "
+        "rerun with --debug for the traceback",
+        err=True,
+    )
+    return EXIT_BUG
 
 
 def _interrupted(cause: BaseException | None) -> int:

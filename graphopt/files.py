@@ -32,8 +32,10 @@ import fcntl
 import logging
 import os
 import shutil
+import signal
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -154,12 +156,57 @@ def referenced_data_files(model_path: Path) -> set[str]:
     }
 
 
-def publish(staged: Path, target: Path) -> None:
-    """Rules 3-5: move the staged model (and its ``.data`` file, if any) to ``target``.
+def model_files(model_path: Path) -> list[Path]:
+    """A model file and every external-data file it refers to (those that exist)."""
+    files = [model_path]
+    if model_path.is_file():
+        for location in sorted(referenced_data_files(model_path)):
+            data = model_path.parent / location
+            if data.exists():
+                files.append(data)
+    return files
 
-    Two phases: first every file's bytes are made ready on the output's file system (nothing
-    to do when the staging folder is on it; else a complete unnamed copy), so a full disk
-    fails here with ``OUT`` untouched; then the files are linked or renamed into place.
+
+def model_roles(model_path: Path, role: str) -> dict[str, Path | None]:
+    """``{"the input model": IN, "the input's data file IN.data": …}`` for :func:`check_distinct`
+    (``role`` = "input"): the model file and the data files it refers to."""
+    files = model_files(model_path)
+    roles: dict[str, Path | None] = {f"the {role} model": files[0]}
+    roles.update({f"the {role}'s data file {path.name}": path for path in files[1:]})
+    return roles
+
+
+def check_distinct(paths: dict[str, Path | None]) -> None:
+    """Refuse two roles on one file: ``{"output": OUT, "the input model": IN, …}``. Paths that
+    do not exist yet compare by their resolved names, existing ones by identity (hard links)."""
+    seen: list[tuple[str, Path]] = []
+    for label, path in paths.items():
+        if path is None:
+            continue
+        for other_label, other in seen:
+            if _same_file(path, other):
+                raise InputError(f"{label} {path} is {other_label}; choose another path")
+        seen.append((label, path))
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    if first.resolve() == second.resolve():
+        return True
+    try:
+        return first.exists() and second.exists() and first.samefile(second)
+    except OSError:
+        return False
+
+
+def publish(staged: Path, target: Path, *, report: tuple[Path, str] | None = None) -> None:
+    """Rules 3-5: move the staged model (and its ``.data`` file, if any) to ``target``, and
+    write ``report`` (path, text) with it.
+
+    Two phases: first every file's bytes are made ready on its folder's file system (nothing to
+    do when the staging folder is on it; else a complete unnamed copy; the report likewise), so
+    a full disk fails here with ``OUT`` and the report untouched; then, with SIGINT and SIGTERM
+    held back (:func:`signals_held`), the files are linked or renamed into place, so an
+    interrupt never cuts publishing in half: it takes effect once publishing is done.
     """
     data_name = data_file_name(target)
     staged_data = staged.with_name(data_file_name(staged))
@@ -170,13 +217,56 @@ def publish(staged: Path, target: Path) -> None:
     moves.append((staged, target))
     with _folder_lock(target.parent), contextlib.ExitStack() as cleanup:
         ready = [_PendingFile.copy_of(source, goal, cleanup) for source, goal in moves]
-        previous = referenced_data_files(target) if target.is_file() else set()
-        if new_data and data_name in previous:
-            target.unlink()  # rule 4: never an old model beside new data
-        for pending in ready:
-            pending.commit()
-        if not new_data and data_name in previous:
-            target.with_name(data_name).unlink(missing_ok=True)
+        if report is not None:
+            path, text = report
+            check_output_target(path, "report")
+            data = text.encode("utf-8")
+            ready.append(_PendingFile.written(path, lambda h: _write_all(h, data), cleanup))
+        uses_old_data = _refers_to(target, target.with_name(data_name))
+        with signals_held():
+            if new_data and uses_old_data:
+                target.unlink()  # rule 4: never an old model beside new data
+            for pending in ready:
+                pending.commit()
+            if not new_data and uses_old_data:
+                target.with_name(data_name).unlink(missing_ok=True)
+
+
+def _refers_to(model_path: Path, data_path: Path) -> bool:
+    """Whether the model file at ``model_path`` (if any) reads ``data_path``."""
+    if not model_path.is_file():
+        return False
+    wanted = data_path.resolve()
+    return any(
+        (model_path.parent / location).resolve() == wanted
+        for location in referenced_data_files(model_path)
+    )
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive inside the block take effect when it ends.
+
+    Their handlers are swapped for one that only records the signal, then put back, and a
+    recorded signal is raised again (the process may have other threads, so blocking the
+    signal in this one would not hold it back). Only the main thread can do this; elsewhere
+    the block runs as is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.getsignal(signum) for signum in held}
+    for signum in held:
+        signal.signal(signum, lambda number, _frame: arrived.append(number))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(arrived):
+            signal.raise_signal(signum)
 
 
 @contextlib.contextmanager

@@ -58,8 +58,10 @@ from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from graphopt.errors import InputError, ModelLoadError
 from graphopt.files import (
+    check_distinct,
     check_output_target,
     data_file_name,
+    model_roles,
     publish,
     resolve_tmp_dir,
     staging_folder,
@@ -550,7 +552,47 @@ def skeleton_proto(model: Model) -> onnx.ModelProto:
     del proto.opset_import[:]
     proto.opset_import.extend(_merge_opsets(model.shell.opset_import, exported_domains))
     proto.ir_version = max(proto.ir_version, MIN_IR_WITHOUT_INPUT_INITIALIZERS)
+    _lighten_bodies(proto.graph)
     return proto
+
+
+def _lighten_bodies(graph: onnx.GraphProto) -> None:
+    """The skeleton's rule for control-flow bodies: external constants there (the source's, or
+    spilled ones) would send onnx's checker looking for their files relative to the working
+    folder. Each becomes a typed main-graph input of the same name, which the body reads from
+    the outer scope; a name taken or typed differently elsewhere becomes an empty sparse
+    placeholder of the same shape instead (the checker accepts it; nothing is read)."""
+    taken = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    taken |= {out for node in graph.node for out in node.output}
+    hoisted: dict[str, tuple[int, tuple[int, ...]]] = {}
+    for body in _bodies(graph):
+        kept: list[onnx.TensorProto] = []
+        for tensor in body.initializer:
+            if not external_data_helper.uses_external_data(tensor):
+                kept.append(tensor)
+                continue
+            signature = (tensor.data_type, tuple(tensor.dims))
+            if tensor.name not in taken and hoisted.get(tensor.name, signature) == signature:
+                if tensor.name not in hoisted:
+                    hoisted[tensor.name] = signature
+                    graph.input.append(
+                        helper.make_tensor_value_info(
+                            tensor.name, tensor.data_type, list(tensor.dims)
+                        )
+                    )
+                continue
+            body.sparse_initializer.append(_empty_sparse(tensor))
+        del body.initializer[:]
+        body.initializer.extend(kept)
+
+
+def _empty_sparse(tensor: onnx.TensorProto) -> onnx.SparseTensorProto:
+    values = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=[0])
+    values.raw_data = b""
+    indices = onnx.TensorProto(name=f"{tensor.name}_indices", data_type=onnx.TensorProto.INT64)
+    indices.dims.append(0)
+    indices.raw_data = b""
+    return onnx.SparseTensorProto(values=values, indices=indices, dims=list(tensor.dims))
 
 
 def _onnx_dtype(constant: gs.Constant) -> int:
@@ -853,7 +895,6 @@ def save_model(
     check_output_path(out_path, model.source)
     with staging_folder(resolve_tmp_dir(model.spill.scratch())) as folder:
         staged = write_model(model, folder / out_path.name, external_data=external_data)
-        _check_not_input_data(model, out_path.with_name(data_file_name(out_path)))
         try:
             publish(staged, out_path)
         except OSError as error:
@@ -922,6 +963,7 @@ def runnable_model(model: Model, extra_outputs: Sequence[str] = ()) -> Iterator[
         source_dir = model.source.parent if model.source is not None else None
         ort_folder = source_dir if source_dir in set(homes.values()) else folder
         mapped: dict[str, np.ndarray] = {}
+        onnx_types: dict[str, int] = {}
         for tensor in proto.graph.initializer:
             if not external_data_helper.uses_external_data(tensor):
                 continue
@@ -933,6 +975,8 @@ def runnable_model(model: Model, extra_outputs: Sequence[str] = ()) -> Iterator[
                     _mark_inline(tensor)
                 else:
                     mapped[tensor.name] = array
+                    if tensor.data_type in _STAND_IN_DTYPES:
+                        onnx_types[tensor.name] = tensor.data_type
         for body in _bodies(proto.graph):
             for tensor in body.initializer:
                 if external_data_helper.uses_external_data(tensor):
@@ -940,7 +984,7 @@ def runnable_model(model: Model, extra_outputs: Sequence[str] = ()) -> Iterator[
                     if home != ort_folder:
                         external_data_helper.load_external_data_for_tensor(tensor, str(home))
                         _mark_inline(tensor)
-        yield InMemoryModel(proto.SerializeToString(), ort_folder, mapped)
+        yield InMemoryModel(proto.SerializeToString(), ort_folder.resolve(), mapped, onnx_types)
         del proto, mapped
 
 
@@ -949,13 +993,27 @@ def _mark_inline(tensor: onnx.TensorProto) -> None:
     del tensor.external_data[:]
 
 
+_STAND_IN_DTYPES = {
+    onnx.TensorProto.BFLOAT16: np.dtype(np.uint16),
+    onnx.TensorProto.FLOAT8E4M3FN: np.dtype(np.uint8),
+    onnx.TensorProto.FLOAT8E4M3FNUZ: np.dtype(np.uint8),
+    onnx.TensorProto.FLOAT8E5M2: np.dtype(np.uint8),
+    onnx.TensorProto.FLOAT8E5M2FNUZ: np.dtype(np.uint8),
+}
+"""Element types NumPy lacks, mapped as unsigned integers of the same width (their bits)."""
+
+
 def _mapped_array(tensor: onnx.TensorProto, base_dir: Path) -> np.ndarray | None:
-    """A read-only memory map of an external tensor, or None when it cannot be one (an
-    element type NumPy lacks, an offset not aligned to the element size, no elements)."""
-    if tensor.data_type not in _NATIVE_NUMPY_TYPES:
+    """A read-only memory map of an external tensor (bfloat16 and 8-bit floats as their bits,
+    :data:`_STAND_IN_DTYPES`), or None when it cannot be one (a packed 4-bit or string type,
+    an offset not aligned to the element size, no elements)."""
+    if tensor.data_type in _STAND_IN_DTYPES:
+        dtype = _STAND_IN_DTYPES[tensor.data_type].newbyteorder("<")
+    elif tensor.data_type in _NATIVE_NUMPY_TYPES:
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type).newbyteorder("<")
+    else:
         return None
     ref = external_ref(tensor, base_dir)
-    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type).newbyteorder("<")
     shape = tuple(int(d) for d in tensor.dims)
     count = int(np.prod(shape, dtype=np.int64))
     if count == 0 or ref.offset % dtype.itemsize or ref.length != count * dtype.itemsize:
@@ -981,29 +1039,15 @@ def model_file_bytes(path: Path) -> int:
 
 def check_output_path(out_path: Path, source: Path | None) -> None:
     """Refuse outputs that cannot be written, that are not regular files (with their ``.data``
-    file; :func:`graphopt.files.check_output_target`), or that would overwrite the input."""
+    file; :func:`graphopt.files.check_output_target`), or whose model or data file would be the
+    input model or one of the input's external-data files."""
+    data_path = out_path.with_name(data_file_name(out_path))
     check_output_target(out_path)
-    check_output_target(out_path.with_name(data_file_name(out_path)), "output data file")
+    check_output_target(data_path, "output data file")
     if source is None:
         return
-    same = out_path.resolve() == source.resolve() or (
-        out_path.exists() and source.exists() and out_path.samefile(source)
-    )
-    if same:
-        raise InputError(f"output {out_path} is the input model; choose another output path")
-
-
-def _check_not_input_data(model: Model, data_path: Path) -> None:
-    if model.source is None or not data_path.exists():
-        return
-    for constant in iter_constants(model.graph):
-        values = constant._values
-        if isinstance(values, ExternalValues):
-            ref = external_ref(values.tensor, values.base_dir)
-            if ref.path.exists() and ref.path.samefile(data_path):
-                raise InputError(
-                    f"output data file {data_path} would overwrite the input model's external data"
-                )
+    roles = model_roles(source, "input")
+    check_distinct({**roles, "the output": out_path, "the output's data file": data_path})
 
 
 def _external_sources(model: Model) -> dict[str, Path]:

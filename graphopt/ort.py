@@ -17,6 +17,8 @@ from graphopt.errors import InputError
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+"""Where a model loaded from bytes finds its external data (ONNX Runtime ≥ 1.21; 1.20 ignores
+it, hence the minimum in pyproject.toml)."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,9 @@ class InMemoryModel:
     proto: bytes
     folder: Path | None = None
     initializers: Mapping[str, np.ndarray] = field(default_factory=dict)
+    onnx_types: Mapping[str, int] = field(default_factory=dict)
+    """Element types of initializers whose array holds another type's bits (bfloat16 and the
+    8-bit floats, which NumPy lacks, as uint16/uint8)."""
 
 
 SessionSource = onnx.ModelProto | InMemoryModel | str | os.PathLike[str]
@@ -106,7 +111,12 @@ def make_session(
         if model.folder is not None:
             options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, str(model.folder))
         if model.initializers:
-            values = [ort.OrtValue.ortvalue_from_numpy(a) for a in model.initializers.values()]
+            values = [
+                ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, model.onnx_types[name])
+                if name in model.onnx_types
+                else ort.OrtValue.ortvalue_from_numpy(array)
+                for name, array in model.initializers.items()
+            ]
             options.add_external_initializers(list(model.initializers), values)
             keep_alive = [values, model.initializers]
     else:

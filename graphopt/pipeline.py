@@ -4,10 +4,11 @@ load → normalize → plan → passes (with checks between them) → stage → 
 publish. The input file is only read. The output is written complete into a staging folder in
 the temporary folder (``tmp_dir``, default the system's), validated there against the input
 file (on the validation data when given, else on the calibration data), and published only
-then (:mod:`graphopt.files`): a run that stops with an error or an interrupt leaves ``OUT`` as
-it was, absent or the previous file. A failed validation still publishes the output (exit 1 in
-the CLI), for inspection. When validation fails, ``bisect`` finds the first failing pass and
-node, and ``per_tensor`` reports where the error starts.
+then, together with the report (:mod:`graphopt.files`): a run that stops with an error or an
+interrupt before publishing leaves ``OUT`` and the report as they were, absent or the previous
+files (an interrupt during publishing waits for it to finish). A failed validation still
+publishes the output (exit 1 in the CLI), for inspection. When validation fails, ``bisect``
+finds the first failing pass and node, and ``per_tensor`` reports where the error starts.
 
 Default budget (:func:`budget_for`, the same rule in ``graphopt check``): exact passes only are
 held to the exact tolerance; otherwise the loosest ``budget`` declared by the lossy passes
@@ -43,12 +44,14 @@ from graphopt.data import (
 )
 from graphopt.errors import InputError, OptionError, PlanError
 from graphopt.files import (
+    check_distinct,
     check_output_target,
+    data_file_name,
+    model_roles,
     publish,
     resolve_tmp_dir,
     staging_folder,
     storage_error,
-    write_atomic_text,
 )
 from graphopt.localize import TensorComparison, compare_tensors
 from graphopt.manager import PassManager, RunReport
@@ -154,6 +157,15 @@ def optimize(
     report_target = None if report_path is None else Path(report_path)
     if report_target is not None:
         check_output_target(report_target, "report")
+        output_data = target.with_name(data_file_name(target))
+        check_distinct(
+            {
+                **model_roles(source, "input"),
+                "the output": target,
+                "the output's data file": output_data,
+                "the report": report_target,
+            }
+        )
     pass_objects = build_passes(list(passes), options or {})
     manager = PassManager(pass_objects, on_event=emit)
     emit("plan", {"plan": manager.plan})
@@ -234,13 +246,10 @@ def optimize(
                 tmp_dir=scratch,
                 batches=check_batches,
             )
-        if report_target is not None:
-            write_atomic_text(report_target, report_json(report))
+        written = None if report_target is None else (report_target, report_json(report))
         try:
-            publish(staged, target)
+            publish(staged, target, report=written)
         except OSError as error:
-            if report_target is not None:
-                report_target.unlink(missing_ok=True)
             raise storage_error(error, f"cannot write {target}") from error
     emit("saved", {"path": str(target)})
     return report

@@ -8,6 +8,7 @@ accepted arguments it then misread.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import tempfile
@@ -351,3 +352,163 @@ def test_file_systems_without_unnamed_files_still_publish_whole(
     assert (out_dir / "r.json").read_text() == '{"new": true}\n'
     assert (out_dir / "m.onnx").read_bytes() == b"model bytes"
     assert sorted(p.name for p in out_dir.iterdir()) == ["m.onnx", "r.json"]
+
+
+# --- review findings: roles of files, bodies, publishing under signals ----------------------
+
+
+def test_output_data_file_that_is_the_inputs_data_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """a.onnx keeps its weights in b.onnx.data: writing b.onnx would replace them."""
+    folder = tmp_path / "sd"
+    folder.mkdir()
+    source = folder / "a.onnx"
+    onnx.save_model(
+        onnx.load(str(DIGITS_MODEL)),
+        str(source),
+        save_as_external_data=True,
+        location="b.onnx.data",
+        size_threshold=0,
+    )
+    before = folder_digest(folder)
+    for out in (folder / "b.onnx", folder / "b.onnx.data"):
+        code, _, err = run_cli(_optimize_args(source, out, "--passes", "cleanup"), capsys)
+        assert code == 2 and "the input's data file b.onnx.data" in err, err
+    assert folder_digest(folder) == before
+
+
+@pytest.mark.parametrize("which", ["input", "output", "input data"])
+def test_report_path_that_is_a_model_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], which: str
+) -> None:
+    source = external_digits(tmp_path / "in")
+    out = tmp_path / "o.onnx"
+    report = {"input": source, "output": out, "input data": tmp_path / "in" / "ext.onnx.data"}
+    before = folder_digest(source.parent)
+    args = _optimize_args(source, out, "--passes", "cleanup", "--report", str(report[which]))
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "the report" in err, err
+    assert folder_digest(source.parent) == before
+    assert not out.exists()
+
+
+def test_check_reports_cannot_overwrite_the_models(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    candidate = tmp_path / "cand.onnx"
+    candidate.write_bytes(DIGITS_MODEL.read_bytes())
+    for flag in ("--json", "--junit"):
+        code, _, err = run_cli(
+            ["check", str(DIGITS_MODEL), str(candidate), flag, str(candidate)], capsys
+        )
+        assert code == 2 and "is the candidate model" in err, err
+    assert candidate.read_bytes() == DIGITS_MODEL.read_bytes()
+
+
+def _if_model_with_external_body_weights(folder: Path) -> Path:
+    """y = If(c, x @ Wt, x @ We) with 512×512 weights (1 MiB each) stored externally."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    width = 512
+
+    def branch(name: str) -> onnx.GraphProto:
+        weight = numpy_helper.from_array(
+            (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), f"W{name}"
+        )
+        return helper.make_graph(
+            [helper.make_node("MatMul", ["x", f"W{name}"], [f"y{name}"], name=f"mm_{name}")],
+            name,
+            [],
+            [helper.make_tensor_value_info(f"y{name}", TensorProto.FLOAT, ["n", width])],
+            [weight],
+        )
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=branch("t"), else_branch=branch("e"))],
+        "branchy",
+        [
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", width]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    folder.mkdir(parents=True)
+    path = folder / "branchy.onnx"
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, location="branchy.data", size_threshold=0
+    )
+    return path
+
+
+@pytest.mark.parametrize("passes", ["cleanup", "lowrank", "sparsify"])
+def test_external_and_spilled_weights_in_bodies_from_another_folder(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    passes: str,
+) -> None:
+    """Body weights stored externally (and, after lowrank/sparsify, spilled to the temporary
+    folder) used to send onnx's checker to the working folder: exit 2 on load, exit 3 after
+    a pass, unless run from the model's own folder."""
+    source = _if_model_with_external_body_weights(tmp_path / "store")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = tmp_path / "out.onnx"
+    args = ["optimize", str(source), str(out), "--passes", passes, "--min-cosine", "0"]
+    with read_only(source.parent):
+        code, stdout, err = run_cli([*args, "--min-snr", "-100"], capsys)
+    assert code == 0, err + stdout
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_interrupt_while_publishing_takes_effect_after_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGINT between renaming OUT.data and OUT is held until both are in place: the run
+    exits 130 with the complete new pair (and its report), never a mixed one."""
+    import signal
+
+    import graphopt.files as files
+
+    source = external_digits(tmp_path / "in")
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    graphopt.optimize(source, out, ["cleanup"], data=str(DIGITS_DATA))
+    commit = files._PendingFile.commit
+
+    def interrupted_commit(self: files._PendingFile) -> None:
+        commit(self)
+        if self.target.name.endswith(".data"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(files._PendingFile, "commit", interrupted_commit)
+    args = _optimize_args(source, out, "--passes", "fp16", "--report", str(report))
+    code, _, _ = run_cli(args, capsys)
+    assert code == 130
+    assert json.loads(report.read_text())["plan"] == ["fp16"]
+    monkeypatch.undo()
+    fresh = graphopt.optimize(out, tmp_path / "again.onnx", ["cleanup"], data=str(DIGITS_DATA))
+    assert fresh.validation is not None and fresh.validation.passed  # the pair loads together
+    assert onnx.load(str(out), load_external_data=False).graph.initializer[0].data_type == (
+        onnx.TensorProto.FLOAT16
+    )
+
+
+def test_full_temporary_folder_during_validation_is_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import graphopt.validate as validate
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.npy"))
+
+    monkeypatch.setattr(validate._ReferenceOutputs, "save", full)
+    out = tmp_path / "o.onnx"
+    code, _, err = run_cli(_optimize_args(DIGITS_MODEL, out, "--passes", "cleanup"), capsys)
+    assert code == 2 and "No space left on device" in err and "internal error" not in err
+    assert not out.exists()
