@@ -407,3 +407,33 @@ def test_a_pass_that_crashes_is_a_bug_exit_3(
     assert last.startswith("graphopt: internal error: pass 'cleanup' failed after []: NameError")
     assert "please report it" in last and "Traceback" not in stderr
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize(("signal_name", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_interrupt_while_the_cli_is_imported_is_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    signal_name: str,
+    code: int,
+) -> None:
+    """The command's entry point catches signals before importing onnx and ONNX Runtime (a
+    few tenths of a second), which used to end in a traceback and exit 1."""
+    import os
+    import signal
+    import types
+
+    import graphopt.__main__ as entry
+
+    signum = getattr(signal, signal_name)
+    slow_cli = types.ModuleType("graphopt.cli")
+
+    def importing(name: str) -> object:  # `from graphopt.cli import main` looks `main` up
+        os.kill(os.getpid(), signum)
+        raise ImportError("initialization failed")  # as ONNX Runtime's extension reports it
+
+    slow_cli.__getattr__ = importing  # type: ignore[method-assign]
+    monkeypatch.setitem(sys.modules, "graphopt.cli", slow_cli)
+    before = signal.getsignal(signum)
+    assert entry.main() == code
+    assert capsys.readouterr().err == f"graphopt: interrupted during start-up ({signal_name})\n"
+    assert signal.getsignal(signum) is before
