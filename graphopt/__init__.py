@@ -12,56 +12,54 @@ before it needs them.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
-    "Agreement": "graphopt.validate",
-    "agreement": "graphopt.validate",
-    "bisect_passes": "graphopt.bisect",
-    "BisectReport": "graphopt.bisect",
-    "Budget": "graphopt.pass_api",
-    "compare_models": "graphopt.validate",
-    "compare_tensors": "graphopt.localize",
-    "Criteria": "graphopt.validate",
+    "Agreement": "graphopt.check.validate",
+    "agreement": "graphopt.check.validate",
+    "bisect_passes": "graphopt.check.bisect",
+    "BisectReport": "graphopt.check.bisect",
+    "Budget": "graphopt.passkit.api",
+    "compare_models": "graphopt.check.validate",
+    "compare_tensors": "graphopt.check.localize",
+    "Criteria": "graphopt.check.validate",
     "DataError": "graphopt.errors",
-    "Feeds": "graphopt.data",
-    "first_divergence": "graphopt.localize",
-    "GateReport": "graphopt.gate",
+    "Feeds": "graphopt.data.feeds",
+    "first_divergence": "graphopt.check.localize",
+    "GateReport": "graphopt.check.gate",
     "GraphoptError": "graphopt.errors",
     "InputError": "graphopt.errors",
-    "LatencyComparison": "graphopt.latency",
-    "load_model": "graphopt.model",
-    "measure_latency": "graphopt.latency",
-    "Model": "graphopt.model",
-    "model_from_proto": "graphopt.model",
+    "LatencyComparison": "graphopt.check.latency",
+    "load_model": "graphopt.ir.model",
+    "measure_latency": "graphopt.check.latency",
+    "Model": "graphopt.ir.model",
+    "model_from_proto": "graphopt.ir.model",
     "ModelLoadError": "graphopt.errors",
-    "normalize": "graphopt.normalize",
-    "open_data": "graphopt.data",
+    "normalize": "graphopt.ir.normalize",
+    "open_data": "graphopt.data.feeds",
     "optimize": "graphopt.pipeline",
     "OptimizeReport": "graphopt.pipeline",
-    "Option": "graphopt.options",
+    "Option": "graphopt.passkit.options",
     "OptionError": "graphopt.errors",
-    "parse_input_shapes": "graphopt.data",
-    "Pass": "graphopt.pass_api",
-    "PassContext": "graphopt.pass_api",
+    "parse_input_shapes": "graphopt.data.feeds",
+    "Pass": "graphopt.passkit.api",
+    "PassContext": "graphopt.passkit.api",
     "PassError": "graphopt.errors",
-    "PassManager": "graphopt.manager",
-    "PassResult": "graphopt.pass_api",
-    "plan_order": "graphopt.manager",
+    "PassManager": "graphopt.passkit.manager",
+    "PassResult": "graphopt.passkit.api",
+    "plan_order": "graphopt.passkit.manager",
     "PlanError": "graphopt.errors",
-    "run_gate": "graphopt.gate",
-    "save_model": "graphopt.model",
-    "synthesize": "graphopt.data",
-    "synthesize_runnable": "graphopt.data",
-    "TensorComparison": "graphopt.localize",
-    "tune": "graphopt.tune",
-    "TuneResult": "graphopt.tune",
+    "run_gate": "graphopt.check.gate",
+    "save_model": "graphopt.ir.model",
+    "synthesize": "graphopt.data.feeds",
+    "synthesize_runnable": "graphopt.data.feeds",
+    "TensorComparison": "graphopt.check.localize",
+    "tune": "graphopt.tuning.search",
+    "TuneResult": "graphopt.tuning.search",
     "UnknownPassError": "graphopt.errors",
-    "ValidationReport": "graphopt.validate",
+    "ValidationReport": "graphopt.check.validate",
 }
 """Public name → the module defining it; imported on first use (module docstring)."""
 
@@ -80,23 +78,25 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
 
 
-class _Package(types.ModuleType):
-    """``graphopt.normalize`` and ``graphopt.tune`` name both a function and its module. Importing
-    the module sets it as the package's attribute; here that is declined, so the attribute stays
-    the function (resolved on first use) and the module lives in ``sys.modules`` as usual."""
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if isinstance(value, types.ModuleType) and name in _EXPORTS:
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from graphopt.bisect import BisectReport, bisect_passes
-    from graphopt.data import Feeds, open_data, parse_input_shapes, synthesize, synthesize_runnable
+    from graphopt.check.bisect import BisectReport, bisect_passes
+    from graphopt.check.gate import GateReport, run_gate
+    from graphopt.check.latency import LatencyComparison, measure_latency
+    from graphopt.check.localize import TensorComparison, compare_tensors, first_divergence
+    from graphopt.check.validate import (
+        Agreement,
+        Criteria,
+        ValidationReport,
+        agreement,
+        compare_models,
+    )
+    from graphopt.data.feeds import (
+        Feeds,
+        open_data,
+        parse_input_shapes,
+        synthesize,
+        synthesize_runnable,
+    )
     from graphopt.errors import (
         DataError,
         GraphoptError,
@@ -107,17 +107,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         PlanError,
         UnknownPassError,
     )
-    from graphopt.gate import GateReport, run_gate
-    from graphopt.latency import LatencyComparison, measure_latency
-    from graphopt.localize import TensorComparison, compare_tensors, first_divergence
-    from graphopt.manager import PassManager, plan_order
-    from graphopt.model import Model, load_model, model_from_proto, save_model
-    from graphopt.normalize import normalize
-    from graphopt.options import Option
-    from graphopt.pass_api import Budget, Pass, PassContext, PassResult
+    from graphopt.ir.model import Model, load_model, model_from_proto, save_model
+    from graphopt.ir.normalize import normalize
+    from graphopt.passkit.api import Budget, Pass, PassContext, PassResult
+    from graphopt.passkit.manager import PassManager, plan_order
+    from graphopt.passkit.options import Option
     from graphopt.pipeline import OptimizeReport, optimize
-    from graphopt.tune import TuneResult, tune
-    from graphopt.validate import Agreement, Criteria, ValidationReport, agreement, compare_models
+    from graphopt.tuning.search import TuneResult, tune
 
 __all__ = [
     "Agreement",

@@ -2,8 +2,8 @@
 
 Start-up imports onnx and ONNX Runtime, which takes a few tenths of a second. An interrupt in
 that time exits like one later on (130 for Ctrl-C, 143 for SIGTERM, one line, no traceback):
-the signals are caught here before the CLI module is imported, and :func:`graphopt.cli.main`
-takes over from there.
+the signals are caught here before the CLI module is imported, and
+:func:`graphopt.cli.commands.main` takes over from there.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main() -> int:
 
     previous = {signum: signal.signal(signum, interrupt) for signum in _EXIT_CODES}
     try:
-        from graphopt.cli import main as run_cli
+        from graphopt.cli.commands import main as run_cli
     except BaseException:
         # (an extension module's initialisation may turn the interrupt into an ImportError)
         if not arrived:

@@ -4,7 +4,7 @@ load → normalize → plan → passes (with checks between them) → stage → 
 publish. The input file is only read. The output is written complete into a staging folder in
 the temporary folder (``tmp_dir``, default the system's), validated there against the input
 file (on the validation data when given, else on the calibration data), and published only
-then, together with the report (:mod:`graphopt.files`): a run that stops with an error or an
+then, together with the report (:mod:`graphopt.ir.files`): a run that stops with an error or an
 interrupt before publishing leaves ``OUT`` and the report as they were, absent or the previous
 files (an interrupt during publishing waits for it to finish). A failed validation still
 publishes the output (exit 1 in the CLI), for inspection. When validation fails, ``bisect``
@@ -16,7 +16,7 @@ applies, unless the caller gives criteria.
 
 Arguments are checked before anything runs: a string where a list of passes or providers is
 expected, an empty plan, options that are not mappings, criteria that are not
-:class:`~graphopt.validate.Criteria`, or a provider this onnxruntime lacks are
+:class:`~graphopt.check.validate.Criteria`, or a provider this onnxruntime lacks are
 :class:`~graphopt.errors.OptionError` / :class:`~graphopt.errors.InputError` up front.
 """
 
@@ -33,8 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.bisect import BisectReport, bisect_passes
-from graphopt.data import (
+from graphopt.check.bisect import BisectReport, bisect_passes
+from graphopt.check.localize import TensorComparison, compare_tensors
+from graphopt.check.validate import Criteria, ValidationReport, compare_models, json_safe
+from graphopt.data.feeds import (
     Feeds,
     check_input_shapes,
     input_specs,
@@ -43,7 +45,7 @@ from graphopt.data import (
     synthesize_runnable,
 )
 from graphopt.errors import InputError, OptionError, PlanError
-from graphopt.files import (
+from graphopt.ir.files import (
     check_distinct,
     check_output_target,
     data_file_name,
@@ -53,14 +55,12 @@ from graphopt.files import (
     staging_folder,
     storage_error,
 )
-from graphopt.localize import TensorComparison, compare_tensors
-from graphopt.manager import PassManager, RunReport
-from graphopt.model import Model, check_output_path, model_file_bytes, write_model
-from graphopt.normalize import load_normalized
-from graphopt.ort import resolve_providers
-from graphopt.pass_api import Pass, PassContext, plan_opset
-from graphopt.registry import load_pass_class
-from graphopt.validate import Criteria, ValidationReport, compare_models, json_safe
+from graphopt.ir.model import Model, check_output_path, model_file_bytes, write_model
+from graphopt.ir.normalize import load_normalized
+from graphopt.ir.ort import resolve_providers
+from graphopt.passkit.api import Pass, PassContext, plan_opset
+from graphopt.passkit.manager import PassManager, RunReport
+from graphopt.passkit.registry import load_pass_class
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class OptimizeReport:
     data: str
     synthetic_data: bool
     opset: dict[str, Any] | None = None
-    """The opset upgrade the plan asked for (:class:`graphopt.opset.OpsetUpgrade`), if any."""
+    """The opset upgrade the plan asked for (:class:`graphopt.ir.opset.OpsetUpgrade`), if any."""
     validation: ValidationReport | None = None
     per_tensor: list[TensorComparison] | None = None
     bisect: BisectReport | None = None

@@ -1,1 +1,2 @@
-"""Built-in graphopt passes, one module per pass; graphopt.registry lists them explicitly."""
+"""Built-in graphopt passes, one module per pass; :mod:`graphopt.passkit.registry` lists them
+explicitly."""

@@ -12,12 +12,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.edit import replace_input, replace_output, replace_uses
-from graphopt.folding import DEFAULT_MAX_GROWTH_BYTES, fold_constants
-from graphopt.model import Model, iter_constants, iter_graphs
-from graphopt.normalize import bypass_constant_identities
-from graphopt.options import Option
-from graphopt.pass_api import Pass, PassContext, PassResult, graph_fingerprint
+from graphopt.ir.edit import replace_input, replace_output, replace_uses
+from graphopt.ir.folding import DEFAULT_MAX_GROWTH_BYTES, fold_constants
+from graphopt.ir.model import Model, iter_constants, iter_graphs
+from graphopt.ir.normalize import bypass_constant_identities
+from graphopt.passkit.api import Pass, PassContext, PassResult, graph_fingerprint
+from graphopt.passkit.options import Option
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def _cast_target(node: gs.Node) -> str | None:
 class CleanupPass(Pass):
     """Exact cleanup. Rules, in order:
 
-    1. Fold constant subgraphs (see :mod:`graphopt.folding`: deterministic ops only, never
+    1. Fold constant subgraphs (see :mod:`graphopt.ir.folding`: deterministic ops only, never
        Q/DQ, size-guarded by ``max_growth_bytes``), including ``Shape`` of tensors whose
        shape is fully static.
     2. Bypass ``Identity`` nodes: consumers read the Identity's input. When the Identity's

@@ -20,14 +20,14 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from graphopt.calibration import MASK_MAGNITUDE, StatRequest, collect
-from graphopt.data import Feeds
-from graphopt.edit import replace_output, replace_uses
-from graphopt.model import Model, skeleton_proto
-from graphopt.options import Option
-from graphopt.pass_api import Budget, Pass, PassContext, PassResult
-from graphopt.qdq import Namer
-from graphopt.selection import matches_any
+from graphopt.data.calibration import MASK_MAGNITUDE, StatRequest, collect
+from graphopt.data.feeds import Feeds
+from graphopt.ir.edit import replace_output, replace_uses
+from graphopt.ir.model import Model, skeleton_proto
+from graphopt.passkit.api import Budget, Pass, PassContext, PassResult
+from graphopt.passkit.options import Option
+from graphopt.passkit.qdq import Namer
+from graphopt.passkit.selection import matches_any
 
 logger = logging.getLogger(__name__)
 

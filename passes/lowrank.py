@@ -1,8 +1,8 @@
 """``lowrank``: split MatMul/Gemm with a constant weight into two thinner nodes via (whitened) SVD.
 
-The numerics (ranks, SVD, whitening, balanced factors) live in :mod:`graphopt.svd`; this module
-finds candidates, gathers the activation statistics, chooses ranks and rewrites the graph. See
-:class:`LowRankPass` for the rules.
+The numerics (ranks, SVD, whitening, balanced factors) live in :mod:`graphopt.passkit.svd`; this
+module finds candidates, gathers the activation statistics, chooses ranks and rewrites the graph.
+See :class:`LowRankPass` for the rules.
 """
 
 from __future__ import annotations
@@ -16,21 +16,21 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from graphopt.calibration import (
+from graphopt.data.calibration import (
     StatRequest,
     chunk_by_budget,
     collect,
     gram_budget,
     gram_bytes,
 )
-from graphopt.data import Feeds
+from graphopt.data.feeds import Feeds
 from graphopt.errors import InputError
-from graphopt.model import Model, iter_graphs, weight_values
-from graphopt.options import Option
-from graphopt.pass_api import Budget, Pass, PassContext, PassResult, WeightClaims
-from graphopt.qdq import Namer
-from graphopt.selection import body_labels, count_reasons, matches_any, node_label
-from graphopt.svd import (
+from graphopt.ir.model import Model, iter_graphs, weight_values
+from graphopt.passkit.api import Budget, Pass, PassContext, PassResult, WeightClaims
+from graphopt.passkit.options import Option
+from graphopt.passkit.qdq import Namer
+from graphopt.passkit.selection import body_labels, count_reasons, matches_any, node_label
+from graphopt.passkit.svd import (
     Spectrum,
     break_even_rank,
     decompose,
@@ -71,7 +71,7 @@ class WeightGroup:
     transposed: bool
     alpha: float
     label: str
-    """The first consumer's label (:func:`~graphopt.selection.node_label`), for reports."""
+    """The first consumer's label (:func:`~graphopt.passkit.selection.node_label`), for reports."""
     consumers: list[Consumer] = field(default_factory=list)
 
     @property
@@ -133,8 +133,8 @@ class LowRankPass(Pass):
        in whitened mode the Gram matrices of all their inputs are summed, so the factors
        minimise the summed output error.
        Memory stays bounded on large models: groups are calibrated in runs whose Gram matrices
-       fit :func:`~graphopt.calibration.gram_budget`, each group's factors are computed as
-       soon as its rank is known and spilled to disk (:class:`~graphopt.model.WeightSpill`),
+       fit :func:`~graphopt.data.calibration.gram_budget`, each group's factors are computed as
+       soon as its rank is known and spilled to disk (:class:`~graphopt.ir.model.WeightSpill`),
        and its Gram matrix and spectrum are dropped. ``allocation=global`` keeps every
        layer's leading singular vectors until the budget is spent.
     6. ``allocation=global`` (with ``ratio``): instead of the same ratio everywhere, the
@@ -146,9 +146,9 @@ class LowRankPass(Pass):
        every layer the same relative error (0.908, 0.783): layer-local error does not predict
        a layer's effect on the output, so uniform stays the default.
     7. Factors split √Σ and are rebalanced per component so A's and B's ranges match
-       (:mod:`graphopt.svd` rule 5): later ``quant`` and ``fp16`` see tame ranges.
+       (:mod:`graphopt.passkit.svd` rule 5): later ``quant`` and ``fp16`` see tame ranges.
     8. If/Loop/Scan bodies: candidates come from the main graph and every body, nested ones
-       included (:func:`~graphopt.model.iter_graphs`); a weight defined in an outer scope and
+       included (:func:`~graphopt.ir.model.iter_graphs`); a weight defined in an outer scope and
        read in a body is a constant like any other. The two new nodes go into the graph that
        holds the node they replace; new names are unique across the whole model. XᵀX can only
        be collected for main-graph tensors (ONNX Runtime cannot expose tensors inside a
@@ -159,7 +159,7 @@ class LowRankPass(Pass):
        reading the shared factors from its own graph. Stats count the rewritten nodes inside
        bodies (``in_subgraphs``) and the skipped body candidates by reason
        (``skipped_in_subgraphs``); every log line about a body node names its body. ``touched``
-       lists node names (:func:`~graphopt.selection.node_label`), in every graph.
+       lists node names (:func:`~graphopt.passkit.selection.node_label`), in every graph.
     """
 
     name: ClassVar[str] = "lowrank"

@@ -13,21 +13,22 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.calibration import (
+from graphopt.check.validate import Criteria, MetricAccumulator, sample_count
+from graphopt.data.calibration import (
     CALIBRATORS,
     StatRequest,
     TensorStats,
     calibrated_range,
     collect,
 )
-from graphopt.data import Feeds
-from graphopt.edit import replace_input
+from graphopt.data.feeds import Feeds
 from graphopt.errors import InputError
-from graphopt.model import Model, iter_graphs, runnable_model, weight_values
-from graphopt.options import Option
-from graphopt.ort import make_session
-from graphopt.pass_api import Budget, Pass, PassContext, PassResult
-from graphopt.qdq import (
+from graphopt.ir.edit import replace_input
+from graphopt.ir.model import Model, iter_graphs, runnable_model, weight_values
+from graphopt.ir.ort import make_session
+from graphopt.passkit.api import Budget, Pass, PassContext, PassResult
+from graphopt.passkit.options import Option
+from graphopt.passkit.qdq import (
     Namer,
     QuantParams,
     activation_params,
@@ -36,8 +37,7 @@ from graphopt.qdq import (
     quantize_bias,
     quantize_weight,
 )
-from graphopt.selection import count_reasons, count_values, matches_any
-from graphopt.validate import Criteria, MetricAccumulator, sample_count
+from graphopt.passkit.selection import count_reasons, count_values, matches_any
 
 logger = logging.getLogger(__name__)
 
@@ -1213,7 +1213,7 @@ class _Evaluator:
     ) -> float:
         """The gate's figure with ``plan`` quantized: over the model's outputs, the lowest of
         each output's whole-tensor and worst-channel cosine on all held-aside feeds
-        (:func:`graphopt.validate.agreement`), so a detector's collapsed score rows count."""
+        (:func:`graphopt.check.validate.agreement`), so a detector's collapsed score rows count."""
         variant = replace(self.model, graph=self.model.graph.copy())
         mapping = _node_map(variant.graph)
         moved = [_rebind(c, mapping) for c in plan]

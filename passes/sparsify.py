@@ -20,7 +20,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from scipy import linalg
 
-from graphopt.calibration import (
+from graphopt.data.calibration import (
     StatRequest,
     TensorStats,
     chunk_by_budget,
@@ -28,14 +28,14 @@ from graphopt.calibration import (
     gram_budget,
     gram_bytes,
 )
-from graphopt.data import Feeds
-from graphopt.edit import replace_input
+from graphopt.data.feeds import Feeds
 from graphopt.errors import InputError, OptionError
-from graphopt.model import Model, iter_graphs, replace_values, set_weight, weight_values
-from graphopt.options import Option
-from graphopt.pass_api import Budget, Pass, PassContext, PassResult
-from graphopt.qdq import Namer
-from graphopt.selection import body_labels, count_values, matches_any, node_label
+from graphopt.ir.edit import replace_input
+from graphopt.ir.model import Model, iter_graphs, replace_values, set_weight, weight_values
+from graphopt.passkit.api import Budget, Pass, PassContext, PassResult
+from graphopt.passkit.options import Option
+from graphopt.passkit.qdq import Namer
+from graphopt.passkit.selection import body_labels, count_values, matches_any, node_label
 
 logger = logging.getLogger(__name__)
 
@@ -512,7 +512,7 @@ class SparsifyPass(Pass):
        chooses masks block by block with w²/[H⁻¹]²_jj and updates the remaining weights with
        the inverse Hessian of H = XᵀX (λ = ``damp`` × mean diagonal; Conv uses the channel
        Gram matrix for every kernel position; grouped Conv falls back to wanda). ``auto``
-       (default) is sparsegpt with real calibration data (a :class:`~graphopt.data.Feeds` not
+       (default) is sparsegpt with real calibration data (a :class:`~graphopt.data.feeds.Feeds` not
        flagged synthetic) and magnitude otherwise, logged (no data, synthetic data, or a plain
        iterable that was never opened as ``Feeds``): on MiniLM it beat wanda at 30 %, 50 % and
        2:4 (mean embedding cosine 0.968 / 0.834 / 0.715 against 0.961 / 0.811 / 0.675 with the
@@ -547,7 +547,7 @@ class SparsifyPass(Pass):
        above ~67 % sparsity for fp32), ONNX Runtime densifies it at load, and the Model layer
        has no path for later passes to read such tensors back as dense float arrays.
     10. If/Loop/Scan bodies: candidates come from the main graph and every body, nested ones
-        included (:func:`~graphopt.model.iter_graphs`); a weight defined in an outer scope and
+        included (:func:`~graphopt.ir.model.iter_graphs`); a weight defined in an outer scope and
         read in a body is a constant like any other, and one read in several bodies (the same
         constant in both branches of an If) is one weight: pruned, claimed and counted once.
         Activation statistics can only be collected for main-graph tensors (ONNX Runtime
@@ -561,7 +561,7 @@ class SparsifyPass(Pass):
         inside bodies (``in_subgraphs``), those that fell back to data-free pruning
         (``data_free_in_subgraphs``) and the skipped body candidates by reason
         (``skipped_in_subgraphs``); every log line about a body node names its body.
-        ``touched`` lists node names (:func:`~graphopt.selection.node_label`), main graph
+        ``touched`` lists node names (:func:`~graphopt.passkit.selection.node_label`), main graph
         first.
     """
 
@@ -716,7 +716,7 @@ class SparsifyPass(Pass):
                 got = "none" if data is None else f"a plain {type(data).__name__}"
                 raise InputError(
                     f"sparsify method={method} needs calibration data opened as Feeds "
-                    f"(graphopt.data.open_data); got {got}"
+                    f"(graphopt.data.feeds.open_data); got {got}"
                 )
             if not real:
                 logger.warning("sparsify: method=%s on synthetic data; give real data", method)

@@ -25,7 +25,7 @@ def sha256_of(path: Path) -> str:
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     """Run the CLI in process; returns (exit code, stdout, stderr)."""
-    from graphopt.cli import main
+    from graphopt.cli.commands import main
 
     code = main(args)
     captured = capsys.readouterr()
@@ -139,8 +139,8 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.options import Option
-from graphopt.pass_api import Pass, PassResult
+from graphopt.passkit.options import Option
+from graphopt.passkit.api import Pass, PassResult
 
 
 class RenamePass(Pass):

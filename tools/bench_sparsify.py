@@ -10,7 +10,7 @@ unpadded" calibrate on 512 unpadded documentation sentences disjoint from the ev
 Unstructured 30 % and 50 % and 2:4 rows report the embedding cosine against fp32 and the
 deflate (gzip level 6) size of the file; unstructured and 2:4 sparsity give no speedup on ONNX
 Runtime, so no latency is measured for them. Channel rows (FFN intermediate channels) report
-parameters and the CPU latency ratio against fp32 from interleaved runs (graphopt.latency).
+parameters and the CPU latency ratio against fp32 from interleaved runs (graphopt.check.latency).
 Prints a markdown table and writes it to ``sparsify_benchmark.md`` in the output folder.
 """
 
@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from graphopt.data import input_specs, open_data
-from graphopt.latency import measure_latency
-from graphopt.model import save_model
-from graphopt.normalize import load_normalized
-from graphopt.pass_api import PassContext
+from graphopt.check.latency import measure_latency
+from graphopt.data.feeds import input_specs, open_data
+from graphopt.ir.model import save_model
+from graphopt.ir.normalize import load_normalized
+from graphopt.passkit.api import PassContext
 from passes.sparsify import SparsifyPass
 from tools.bench_common import (
     BATCH,

@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.tune import TuneResult, tune
-from graphopt.tune_report import front_rows
+from graphopt.tuning.report import front_rows
+from graphopt.tuning.search import TuneResult, tune
 from tools.bench_common import (
     embedding_metrics,
     machine_summary,
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         "--share-cache", action="store_true", help="seed each search with the earlier results"
     )
     parser.add_argument(
-        "--report-dir", type=Path, default=None, help="also write the report here (e.g. .)"
+        "--report-dir", type=Path, default=None, help="also write the report here (e.g. benchmarks)"
     )
     args = parser.parse_args(argv)
     folder: Path = args.out_dir

@@ -1,7 +1,7 @@
 """One benchmark command: every graphopt pass and the anchors on the sample models, one sitting.
 
     python -m tools.benchmark [--out-dir models/build/benchmark] [--models minilm,cnn,large]
-        [--large-gb 0.5] [--scale 1,2,4.2] [--quick] [--report-dir .]
+        [--large-gb 0.5] [--scale 1,2,4.2] [--quick] [--report-dir benchmarks]
 
 Per model: the float32 reference; graphopt ``cleanup``, ``quant``, ``fp16``, ``lowrank``,
 ``sparsify`` (unstructured and ``pattern=channel``) at their defaults and the combinations
@@ -31,8 +31,8 @@ with seconds, seconds per GB, peak RSS and its ratio to the size on disk (target
 the anchors ONNX Runtime ``quantize_dynamic`` and onnxconverter-common fp16. Outputs are deleted
 after each measurement.
 
-Writes ``BENCHMARKS.md``, ``benchmarks.json`` and ``benchmarks.png`` into ``--report-dir`` (the
-repository root by default) and one log per build under ``OUT_DIR/logs``. ``--quick`` is for
+Writes ``BENCHMARKS.md``, ``benchmarks.json`` and ``benchmarks.png`` into ``--report-dir``
+(``benchmarks/`` by default) and one log per build under ``OUT_DIR/logs``. ``--quick`` is for
 development: 64 calibration and evaluation sentences, 6 latency runs, a 0.2 GB decoder. Needs the
 ``models`` extra.
 """
@@ -374,7 +374,7 @@ def large_case(folder: Path, settings: Settings, logs: Path) -> ModelCase:
     calib = source.parent / f"calib_{settings.large_calib}.npz"
     np.savez(calib, **token_batches(shape, settings.large_calib, seed=1))
     evaluation = token_batches(shape, settings.large_eval, seed=1001)
-    from graphopt.model import model_file_bytes
+    from graphopt.ir.model import model_file_bytes
 
     size_gb = model_file_bytes(source) / 1e9
     return ModelCase(
@@ -445,9 +445,9 @@ def measure_case(
     case: ModelCase, candidates: list[Candidate], settings: Settings, folder: Path, logs: Path
 ) -> Section:
     """Build every candidate in a fresh process, then evaluate and time it against fp32."""
-    from graphopt.latency import measure_latency
-    from graphopt.model import model_file_bytes
-    from graphopt.ort import make_session
+    from graphopt.check.latency import measure_latency
+    from graphopt.ir.model import model_file_bytes
+    from graphopt.ir.ort import make_session
 
     section = Section(
         name=case.name,
@@ -595,7 +595,7 @@ def run_scale(
 
     ``checkpoint`` gets the rows so far after each size (the caller saves them).
     """
-    from graphopt.model import model_file_bytes
+    from graphopt.ir.model import model_file_bytes
 
     width = settings.large_width or decoder_width(min(sizes), min_blocks=2)
     rows: list[ScaleRow] = []
@@ -686,8 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--report-dir",
         type=Path,
-        default=REPO,
-        help="where BENCHMARKS.md, benchmarks.json and benchmarks.png go (default: repo root)",
+        default=REPO / "benchmarks",
+        help="where BENCHMARKS.md, benchmarks.json and benchmarks.png go (default: benchmarks/)",
     )
     parser.add_argument(
         "--models", default=",".join(MODELS), help="comma-separated subset of minilm,cnn,large"

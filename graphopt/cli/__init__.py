@@ -1,0 +1,1 @@
+"""The command line: click commands and rendering, and the progress display."""

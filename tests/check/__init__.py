@@ -1,0 +1,1 @@
+"""Stage 4 (graphopt.check): validation, the gate and its reports."""

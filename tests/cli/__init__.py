@@ -1,0 +1,1 @@
+"""The command line (graphopt.cli) and its progress display."""

@@ -1,0 +1,1 @@
+"""Stage 2 (graphopt.data): feeds, data checks and synthesized inputs."""

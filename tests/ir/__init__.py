@@ -1,0 +1,1 @@
+"""Stage 1 (graphopt.ir): model I/O, external data, normalization, memory and scale."""

@@ -1,0 +1,1 @@
+"""Stage 3 (graphopt.passkit): the pass contract, registry and manager."""

@@ -1,0 +1,1 @@
+"""Benchmarks and reports under tools/."""

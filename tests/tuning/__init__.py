@@ -1,0 +1,1 @@
+"""Stage 6 (graphopt.tuning): graphopt tune."""
