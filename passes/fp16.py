@@ -18,10 +18,10 @@ import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from graphopt.data.calibration import MASK_MAGNITUDE, StatRequest, collect
 from graphopt.data.feeds import Feeds
+from graphopt.ir import weights
 from graphopt.ir.edit import replace_output, replace_uses
 from graphopt.ir.model import Model, skeleton_proto
 from graphopt.passkit.api import Budget, Pass, PassContext, PassResult
@@ -209,42 +209,27 @@ def _target_numpy(target: int) -> Any:
     return np.dtype(np.float16) if target == FLOAT16 else BFLOAT16
 
 
-class ConvertedValues(LazyValues):
-    """Float32 values converted to float16/bfloat16 only when read or exported (rule 11).
+class ConvertedValues(weights.LazyWeight):
+    """Float32 values converted to float16/bfloat16 only when read or saved (rule 11).
 
-    Wraps the source's values (lazy or in memory) and holds no converted copy: ``save_model``
-    streams each tensor through :attr:`tensor` one at a time, so memory stays near one tensor and
-    the bytes written are always the converted ones, never float32 bytes under a float16 label.
+    Reads its source (a weight's storage captured by :func:`graphopt.ir.weights.source`: on disk
+    or in memory) and holds no converted copy: saving streams each tensor through
+    :meth:`raw_bytes` one at a time, so memory stays near one tensor and the bytes written are
+    always the converted ones, never float32 bytes under a float16 label.
     """
 
-    def __init__(self, source: LazyValues | np.ndarray, target: int) -> None:
+    def __init__(self, source: weights.WeightSource, target: int) -> None:
         self.source = source
         self.target = target
-        self.shape = list(source.shape)
-        self.dtype = _target_numpy(target)
-        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * 2
-
-    def _source_array(self) -> np.ndarray:
-        if isinstance(self.source, LazyValues):
-            return np.asarray(self.source.load())
-        return np.asarray(self.source)
+        self.shape = source.shape
+        self.element_type = target
 
     def load(self) -> np.ndarray:
-        converted, _ = convert_array(self._source_array(), self.target)
+        converted, _ = convert_array(self.source.read(), self.target)
         return converted
 
-    @property
-    def tensor(self) -> onnx.TensorProto:  # type: ignore[override]
-        converted = self.load()
-        proto = onnx.TensorProto()
-        proto.data_type = self.target
-        proto.dims.extend(int(d) for d in self.shape)
-        proto.raw_data = converted.view(np.uint16).astype("<u2", copy=False).tobytes()
-        return proto
-
-    def __str__(self) -> str:
-        name = onnx.TensorProto.DataType.Name(self.target)
-        return f"ConvertedValues(shape={self.shape}, to={name})"
+    def raw_bytes(self) -> bytes:
+        return self.load().view(np.uint16).astype("<u2", copy=False).tobytes()
 
 
 # --- the plan ---------------------------------------------------------------------------------
@@ -490,7 +475,7 @@ class _Conversion:
 
     def dtype(self, tensor: gs.Tensor) -> int | None:
         if isinstance(tensor, gs.Constant):
-            return _onnx_type(tensor._values.dtype if tensor._values is not None else None)
+            return weights.element_type(tensor)
         known = _onnx_type(tensor.dtype)
         return known if known is not None else self.types.get(tensor.name)
 
@@ -814,22 +799,23 @@ class _Conversion:
 
     def _converted_constant(self, constant: gs.Constant) -> gs.Constant:
         """Rules 8, 9 and 11."""
-        values = constant._values
-        if isinstance(values, LazyValues):
-            self.counts.add(convert_array(np.asarray(values.load()), self.target)[1])
-            converted: Any = ConvertedValues(values, self.target)
+        source = weights.source(constant)
+        if not weights.is_loaded(constant):
+            self.counts.add(convert_array(source.read(), self.target)[1])
+            converted: np.ndarray | ConvertedValues = ConvertedValues(source, self.target)
         else:
-            array, counts = convert_array(np.asarray(values), self.target)
+            array, counts = convert_array(source.read(), self.target)
             self.counts.add(counts)
-            converted = array if self.target == FLOAT16 else ConvertedValues(array, self.target)
+            converted = array if self.target == FLOAT16 else ConvertedValues(source, self.target)
         self.constants_converted += 1
         if id(constant) not in self._fp32_constant_users:
-            constant._values = converted
+            if isinstance(converted, ConvertedValues):
+                weights.replace_lazily(constant, converted)
+            else:
+                weights.set_storage(constant, converted)
             return constant
         self.constants_copied += 1
-        copy = gs.Constant(self.names(f"{constant.name}_{self._suffix()}"), np.zeros(0))
-        copy._values = converted
-        return copy
+        return weights.new_constant(self.names(f"{constant.name}_{self._suffix()}"), converted)
 
     def _relabel(self, homes: dict[int, bool]) -> None:
         """Set the new dtype on tensors produced in the target type; rewrite Cast(to=FLOAT)."""

@@ -14,7 +14,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from graphopt.data.calibration import (
     StatRequest,
@@ -25,7 +24,8 @@ from graphopt.data.calibration import (
 )
 from graphopt.data.feeds import Feeds
 from graphopt.errors import InputError
-from graphopt.ir.model import Model, iter_graphs, weight_values
+from graphopt.ir import weights
+from graphopt.ir.model import Model, iter_graphs
 from graphopt.passkit.api import Budget, Pass, PassContext, PassResult, WeightClaims
 from graphopt.passkit.options import Option
 from graphopt.passkit.qdq import Namer
@@ -85,7 +85,7 @@ class WeightGroup:
         return (cols, rows) if self.transposed else (rows, cols)
 
     def matrix(self) -> np.ndarray:
-        values = weight_values(self.weight)
+        values = weights.read(self.weight)
         values = values.T if self.transposed else values
         return values * np.float32(self.alpha) if self.alpha != 1.0 else values
 
@@ -99,8 +99,8 @@ class Decision:
     relative_error: float
     spectrum: Spectrum | None = None
     """Kept only until the factors are computed (global allocation needs every spectrum)."""
-    first: np.ndarray | LazyValues | None = None
-    second: np.ndarray | LazyValues | None = None
+    first: weights.StoredValues | None = None
+    second: weights.StoredValues | None = None
 
 
 class LowRankPass(Pass):
@@ -134,7 +134,7 @@ class LowRankPass(Pass):
        minimise the summed output error.
        Memory stays bounded on large models: groups are calibrated in runs whose Gram matrices
        fit :func:`~graphopt.data.calibration.gram_budget`, each group's factors are computed as
-       soon as its rank is known and spilled to disk (:class:`~graphopt.ir.model.WeightSpill`),
+       soon as its rank is known and spilled to disk (:func:`graphopt.ir.weights.store`),
        and its Gram matrix and spectrum are dropped. ``allocation=global`` keeps every
        layer's leading singular vectors until the budget is spent.
     6. ``allocation=global`` (with ``ratio``): instead of the same ratio everywhere, the
@@ -468,8 +468,8 @@ class LowRankPass(Pass):
         assert decision.spectrum is not None
         first, second = factors(decision.spectrum, decision.rank, np.dtype(np.float32))
         base = decision.group.weight.name
-        decision.first = model.spill.values(first, f"{base}_lowrank_A")
-        decision.second = model.spill.values(second, f"{base}_lowrank_B")
+        decision.first = weights.store(model, first, f"{base}_lowrank_A")
+        decision.second = weights.store(model, second, f"{base}_lowrank_B")
         decision.spectrum = None
 
     def _fixed_target(self) -> bool:
@@ -518,8 +518,8 @@ class LowRankPass(Pass):
             group = decision.group
             assert decision.first is not None and decision.second is not None
             base = group.weight.name
-            left = gs.Constant(namer(f"{base}_lowrank_A"), decision.first)
-            right = gs.Constant(namer(f"{base}_lowrank_B"), decision.second)
+            left = weights.new_constant(namer(f"{base}_lowrank_A"), decision.first)
+            right = weights.new_constant(namer(f"{base}_lowrank_B"), decision.second)
             for claimed in (group.weight, left, right):
                 claims.claim(claimed.name, self.name)
             for consumer in group.consumers:

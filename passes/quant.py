@@ -23,8 +23,9 @@ from graphopt.data.calibration import (
 )
 from graphopt.data.feeds import Feeds
 from graphopt.errors import InputError
+from graphopt.ir import weights
 from graphopt.ir.edit import replace_input
-from graphopt.ir.model import Model, iter_graphs, runnable_model, weight_values
+from graphopt.ir.model import Model, iter_graphs, runnable_model
 from graphopt.ir.ort import make_session
 from graphopt.passkit.api import Budget, Pass, PassContext, PassResult
 from graphopt.passkit.options import Option
@@ -506,7 +507,7 @@ class QuantPass(Pass):
             ):
                 continue
             if id(table) not in tables:
-                quantized, params = quantize_weight(weight_values(table), 0)
+                quantized, params = quantize_weight(weights.read(table), 0)
                 tables[id(table)] = (
                     gs.Constant(namer(f"{table.name}_quantized"), quantized),
                     gs.Constant(namer(f"{table.name}_row_scale"), params.scale.reshape(-1, 1)),
@@ -730,7 +731,7 @@ class QuantPass(Pass):
                 continue
             if candidate.scheme == "weight-only":
                 quantized, weight_params = quantize_weight(
-                    weight_values(candidate.weight),
+                    weights.read(candidate.weight),
                     candidate.weight_axis,
                     reduce_range=self.options["reduce_range"],
                 )
@@ -748,7 +749,7 @@ class QuantPass(Pass):
                 continue
             params = activation_params(*ranges[candidate.activation.name], symmetric=symmetric)
             quantized, weight_params = quantize_weight(
-                weight_values(weight),
+                weights.read(weight),
                 candidate.weight_axis,
                 reduce_range=self.options["reduce_range"],
             )
@@ -824,7 +825,7 @@ class QuantPass(Pass):
         ):
             return
         quantized, params = quantize_bias(
-            weight_values(bias), float(activation.scale), weight.scale
+            weights.read(bias), float(activation.scale), weight.scale
         )
         node.inputs[index] = dequantize_node(graph, namer, bias.name, quantized, params)
 
@@ -910,7 +911,7 @@ class QuantPass(Pass):
             if x_max is None:
                 continue
             if alpha > 0:
-                w_max = np.max([np.abs(weight_values(c.weight)).max(axis=1) for c in group], axis=0)
+                w_max = np.max([np.abs(weights.read(c.weight)).max(axis=1) for c in group], axis=0)
                 scales = np.power(np.maximum(x_max, 1e-5), alpha) / np.power(
                     np.maximum(w_max, 1e-5), 1 - alpha
                 )
@@ -922,7 +923,7 @@ class QuantPass(Pass):
             for candidate in group:
                 candidate.weight = gs.Constant(
                     namer(f"{candidate.weight.name}_smoothed"),
-                    (weight_values(candidate.weight) * scales[:, None]).astype(np.float32),
+                    (weights.read(candidate.weight) * scales[:, None]).astype(np.float32),
                 )
                 candidate.node.inputs[candidate.placement.weight_input] = candidate.weight
             new_activation = _divide_activation(model.graph, namer, activation, group, scales)
@@ -974,7 +975,7 @@ def _apply_dynamic(graph: gs.Graph, namer: Namer, candidate: Candidate, reduce_r
     """Rule 9: DynamicQuantizeLinear → MatMulInteger → Cast → Mul (ORT: DynamicQuantizeMatMul)."""
     node, activation = candidate.node, candidate.activation
     quantized, params = quantize_weight(
-        weight_values(candidate.weight), 1, reduce_range=reduce_range
+        weights.read(candidate.weight), 1, reduce_range=reduce_range
     )
     output = _detach(node)
     base = node.name or output.name
@@ -1043,7 +1044,7 @@ def unpack_int4_blocks(packed: np.ndarray, scales: np.ndarray, rows: int) -> np.
 def _apply_int4(graph: gs.Graph, namer: Namer, candidate: Candidate, block_size: int) -> None:
     """Rule 8: MatMul → com.microsoft MatMulNBits with int4 block-wise weights."""
     node = candidate.node
-    values = weight_values(candidate.weight)
+    values = weights.read(candidate.weight)
     packed, scales = pack_int4_blocks(values, block_size)
     activation = candidate.activation
     output = _detach(node)
@@ -1080,7 +1081,7 @@ def _apply_split(
     """Rule 10: Y = Q(X[:, in]) · Q(W[in]) + X[:, out] · W[out]."""
     assert candidate.outliers is not None and candidate.inlier_range is not None
     node, activation = candidate.node, candidate.activation
-    weight = weight_values(candidate.weight)
+    weight = weights.read(candidate.weight)
     outliers = candidate.outliers
     inliers = np.setdiff1d(np.arange(weight.shape[0]), outliers).astype(np.int64)
     output = _detach(node)
@@ -1158,7 +1159,7 @@ def _divide_activation(
                 scaled.append(
                     gs.Constant(
                         namer(f"{old.name}_smoothed"),
-                        (weight_values(old) / scales).astype(np.float32),
+                        (weights.read(old) / scales).astype(np.float32),
                     )
                 )
         if readers <= group_nodes and activation not in graph.outputs:

@@ -30,8 +30,9 @@ from graphopt.data.calibration import (
 )
 from graphopt.data.feeds import Feeds
 from graphopt.errors import InputError, OptionError
+from graphopt.ir import weights
 from graphopt.ir.edit import replace_input
-from graphopt.ir.model import Model, iter_graphs, replace_values, set_weight, weight_values
+from graphopt.ir.model import Model, iter_graphs
 from graphopt.passkit.api import Budget, Pass, PassContext, PassResult
 from graphopt.passkit.options import Option
 from graphopt.passkit.qdq import Namer
@@ -415,16 +416,16 @@ def _activation_axis(node: gs.Node) -> int:
     return 1 if node.op == "Conv" else -1
 
 
-def _claim(context: PassContext, weights: Sequence[gs.Constant]) -> str | None:
-    """Claim ``weights`` for this pass (rule 1); returns why not when another pass owns one.
+def _claim(context: PassContext, constants: Sequence[gs.Constant]) -> str | None:
+    """Claim ``constants`` for this pass (rule 1); returns why not when another pass owns one.
 
     Nothing is claimed unless every weight is free, so a refused plan leaves no claims behind.
     """
-    for weight in weights:
+    for weight in constants:
         owner = context.claims.owner(weight.name)
         if owner not in (None, SparsifyPass.name):
             return f"{weight.name} belongs to pass {owner}"
-    for weight in weights:
+    for weight in constants:
         context.claims.claim(weight.name, SparsifyPass.name)
     return None
 
@@ -891,7 +892,7 @@ class SparsifyPass(Pass):
             for chunk in chunks:
                 statistics = self._collect(model, context, method, chunk)
                 for job in chunk:
-                    original = weight_values(job.weight)
+                    original = weights.read(job.weight)
                     try:
                         job_method = "magnitude" if job.data_free else method
                         updated = self._sparsify_one(job, job_method, statistics, thresholds)
@@ -900,13 +901,13 @@ class SparsifyPass(Pass):
                         continue
                     updated = updated.astype(original.dtype)
                     self._record(job, original, updated, report)
-                    pending.append((job, model.spill.values(updated, job.weight.name)))
+                    pending.append((job, weights.store(model, updated, job.weight.name)))
                     del original, updated
                     touched.extend(node_label(node) for node in job.nodes)
                 del statistics
                 runs += 1
             for job, values in pending:
-                replace_values(job.weight, values)
+                weights.set_storage(job.weight, values)
         logger.debug("sparsify: %d calibration runs", runs)
         logger.info(
             "sparsify: %d weights sparsified with %s in %d stages",
@@ -957,7 +958,7 @@ class SparsifyPass(Pass):
         if not pooled:
             return {}
         magnitudes = [
-            np.abs(np.asarray(weight_values(job.weight), np.float64)).reshape(-1) for job in pooled
+            np.abs(np.asarray(weights.read(job.weight), np.float64)).reshape(-1) for job in pooled
         ]
         flat = np.concatenate(magnitudes)
         mask = lowest_mask(flat, prune_count(flat.size, self.options["sparsity"]), None)
@@ -975,7 +976,7 @@ class SparsifyPass(Pass):
         statistics: dict[str, TensorStats],
         global_masks: dict[int, np.ndarray],
     ) -> np.ndarray:
-        values = weight_values(job.weight)
+        values = weights.read(job.weight)
         shape = tuple(values.shape)
         if id(job.weight) in global_masks:
             return np.where(global_masks[id(job.weight)], 0.0, values)
@@ -1341,11 +1342,11 @@ class SparsifyPass(Pass):
         producer_norm = None
         if not statistics:
             produced = np.moveaxis(
-                np.asarray(weight_values(plan.weight), np.float64), plan.out_axis, 0
+                np.asarray(weights.read(plan.weight), np.float64), plan.out_axis, 0
             )
             producer_norm = np.linalg.norm(produced.reshape(plan.channels, -1), axis=1)
         for sink, weight, axis in plan.sinks:
-            rows = np.moveaxis(np.asarray(weight_values(weight), np.float64), axis, 0)
+            rows = np.moveaxis(np.asarray(weights.read(weight), np.float64), axis, 0)
             sink_norm = np.linalg.norm(rows.reshape(plan.channels, -1), axis=1)
             if producer_norm is None:
                 activation = statistics[sink.inputs[0].name].channel_sumsq
@@ -1357,20 +1358,20 @@ class SparsifyPass(Pass):
         return np.sort(order[: plan.channels - remove])
 
     def _apply_plan(self, model: Model, plan: ChannelPlan, keep: np.ndarray, namer: Namer) -> None:
-        set_weight(model, plan.weight, np.take(weight_values(plan.weight), keep, plan.out_axis))
+        weights.replace(model, plan.weight, np.take(weights.read(plan.weight), keep, plan.out_axis))
         if plan.bias is not None:
-            set_weight(model, plan.bias, np.take(weight_values(plan.bias), keep, axis=0))
+            weights.replace(model, plan.bias, np.take(weights.read(plan.bias), keep, axis=0))
         for _, weight, axis in plan.sinks:
-            set_weight(model, weight, np.take(weight_values(weight), keep, axis=axis))
+            weights.replace(model, weight, np.take(weights.read(weight), keep, axis=axis))
         path_nodes = {id(node) for node, _, _ in plan.slices}
         sliced: dict[tuple[int, int], gs.Constant] = {}
         for node, position, axis in plan.slices:
             constant = node.inputs[position]
             key = (id(constant), axis)
             if key not in sliced:
-                values = np.take(weight_values(constant), keep, axis=axis)
+                values = np.take(weights.read(constant), keep, axis=axis)
                 if all(id(reader) in path_nodes for reader in constant.outputs):
-                    set_weight(model, constant, values)
+                    weights.replace(model, constant, values)
                     sliced[key] = constant
                 else:
                     sliced[key] = gs.Constant(namer(f"{constant.name}_pruned"), values)

@@ -139,8 +139,8 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.passkit.options import Option
-from graphopt.passkit.api import Pass, PassResult
+from graphopt import Option, Pass, PassResult
+from graphopt.ir import weights
 
 
 class RenamePass(Pass):
@@ -172,10 +172,12 @@ class NoisePass(Pass):
             constant = node.inputs[1]
             if not isinstance(constant, gs.Constant):
                 continue
-            values = constant.values
+            if not context.claims.claim(constant.name, self.name):  # another pass owns it
+                continue
+            values = weights.read(constant)  # loaded for this call, not cached in the graph
             noise = rng.standard_normal(values.shape).astype(np.float32)
             scale = self.options["scale"] * (10.0 if node.name in self.options["loud"] else 1.0)
-            constant.values = values + scale * values.std() * noise
+            weights.replace(model, constant, values + scale * values.std() * noise)
             touched.append(node.name)
         return PassResult(model, bool(touched), {"weights_touched": len(touched)}, touched)
 """

@@ -34,7 +34,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from graphopt.ir.model import constant_nbytes, constant_tensor_proto, iter_graphs
+from graphopt.ir import weights
+from graphopt.ir.model import constant_tensor_proto, iter_graphs
 from graphopt.ir.ort import make_session
 
 logger = logging.getLogger(__name__)
@@ -386,7 +387,7 @@ def _freed_bytes(tensor: gs.Tensor, foldable_ids: set[int]) -> int:
             freed += OnnxExporter.export_node(node).ByteSize()
     for constant in constants:
         if all(id(reader) in in_cone for reader in constant.outputs):
-            freed += constant_nbytes(constant) + _header_bytes(constant)
+            freed += weights.nbytes(constant) + _header_bytes(constant)
     return freed
 
 

@@ -23,12 +23,11 @@ Rules this module follows:
    Add + LayerNormalization into SkipLayerNormalization, which measured slower on x86 CPU
    (MiniLM: 14 ms against 1.9 ms for the unfused pair over 12 layers; ORT's own dynamically
    quantized MiniLM ran 1.52× faster than fp32 with value_info, 1.61× without).
-6. Reading a weight never pins it: :func:`weight_values` loads a lazy tensor without caching it
-   in the graph (graphsurgeon's ``Constant.values`` would keep every weight a pass has read in
-   memory until the pass ends), and weights a pass computes (factors, pruned matrices) of at
-   least 1 MiB go to the model's :class:`WeightSpill`, files in the temporary folder, read back
-   one at a time when they are used or saved. Memory stays near the few tensors a
-   pass works on, whatever the model's size.
+6. Weights are touched through :mod:`graphopt.ir.weights` (its rules): reading never pins a
+   weight in the graph, and weights a pass computes of at least 1 MiB go to the model's
+   :class:`~graphopt.ir.weights.WeightSpill`, files in the temporary folder, read back one at
+   a time when they are used or saved. Memory stays near the few tensors a pass works on,
+   whatever the model's size.
 7. A constant read in several control-flow bodies is written once, in the innermost graph
    that encloses all of them (bodies see outer-scope names), as the exporter had it:
    onnx-graphsurgeon exports a copy into every body that reads it, which made a torch
@@ -40,9 +39,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import tempfile
-import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +66,17 @@ from graphopt.ir.files import (
 )
 from graphopt.ir.opset import OpsetUpgrade, default_opset, upgrade_proto
 from graphopt.ir.ort import InMemoryModel
+from graphopt.ir.weights import (
+    NATIVE_NUMPY_TYPES,
+    ExternalValues,
+    WeightSpill,
+    element_type,
+    external_ref,
+    nbytes,
+    point_to_external,
+    set_storage,
+    storage,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,146 +91,7 @@ MIN_IR_VERSION = 3
 MIN_IR_WITHOUT_INPUT_INITIALIZERS = 4
 """The first IR version in which initializers need not also be graph inputs."""
 SKELETON_INLINE_LIMIT_BYTES = 1 << 16
-SPILL_MIN_BYTES = 1 << 20
-"""Computed weights smaller than this stay in memory (rule 6)."""
 _COPY_CHUNK_BYTES = 64 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class ExternalRef:
-    """Where the bytes of one external tensor live."""
-
-    path: Path
-    offset: int
-    length: int
-
-
-def external_ref(tensor: onnx.TensorProto, base_dir: Path) -> ExternalRef:
-    """Resolve a tensor's external-data fields against ``base_dir``."""
-    info = external_data_helper.ExternalDataInfo(tensor)
-    path = base_dir / info.location
-    offset = int(info.offset or 0)
-    length = int(info.length) if info.length else max(path.stat().st_size - offset, 0)
-    return ExternalRef(path=path, offset=offset, length=length)
-
-
-class ExternalValues(LazyValues):
-    """Lazy values of a tensor stored in an external file, read only when asked for."""
-
-    def __init__(self, tensor: onnx.TensorProto, base_dir: Path) -> None:
-        super().__init__(tensor)
-        self.base_dir = base_dir
-
-    def load(self) -> np.ndarray:
-        ref = external_ref(self.tensor, self.base_dir)
-        np_dtype = helper.tensor_dtype_to_np_dtype(self.tensor.data_type)
-        count = ref.length // np_dtype.itemsize if np_dtype.itemsize else 0
-        native = self.tensor.data_type in _NATIVE_NUMPY_TYPES
-        if native and count == int(np.prod(self.shape, dtype=np.int64)):
-            with open(ref.path, "rb") as handle:
-                handle.seek(ref.offset)
-                array = np.fromfile(handle, dtype=np_dtype.newbyteorder("<"), count=count)
-            return array.astype(np_dtype, copy=False).reshape(self.shape)
-        return np.array(onnx.numpy_helper.to_array(self.tensor, base_dir=str(self.base_dir)))
-
-
-class SpilledValues(ExternalValues):
-    """Lazy values of a weight a pass computed, kept in a :class:`WeightSpill` file (rule 6).
-
-    The file is deleted when the last reference to these values goes away.
-    """
-
-    def __init__(self, tensor: onnx.TensorProto, base_dir: Path, spill: WeightSpill) -> None:
-        super().__init__(tensor, base_dir)
-        self.spill = spill  # keeps the spill folder alive while these values exist
-        path = external_ref(tensor, base_dir).path
-        weakref.finalize(self, _remove_file, path)
-
-
-def _remove_file(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink()
-
-
-class WeightSpill:
-    """Temporary files for the weights passes compute, so they need not stay in memory.
-
-    ``root`` is the run's temporary folder (None: the system's, ``TMPDIR`` honoured; never the
-    source model's folder, which may be read-only). A ``graphopt-spill-*`` folder is created in
-    it on first use and removed when the spill and every spilled value are gone, or at
-    interpreter exit. :func:`runnable_model` hands spilled weights to ONNX Runtime as memory
-    maps, so they need not sit beside the source's data.
-    """
-
-    def __init__(self, root: Path | None = None) -> None:
-        self.root = root
-        self._folder: Path | None = None
-        self._count = 0
-
-    def values(self, array: np.ndarray, name: str) -> np.ndarray | SpilledValues:
-        """``array`` as values for a Constant: spilled to a file when it is 1 MiB or more."""
-        array = np.asarray(array)
-        data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
-        if array.nbytes < SPILL_MIN_BYTES or data_type not in _NATIVE_NUMPY_TYPES:
-            return array
-        folder = self._ensure_folder()
-        self._count += 1
-        path = folder / f"{self._count}.bin"
-        with open(path, "wb") as handle:
-            np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tofile(handle)
-        proto = onnx.TensorProto(name=name, data_type=data_type)
-        proto.dims.extend(array.shape)
-        _point_to_external(proto, f"{folder.name}/{path.name}", 0, array.nbytes)
-        return SpilledValues(proto, folder.parent, self)
-
-    def _ensure_folder(self) -> Path:
-        if self._folder is None:
-            self._folder = Path(tempfile.mkdtemp(prefix="graphopt-spill-", dir=self.root))
-            weakref.finalize(self, shutil.rmtree, self._folder, ignore_errors=True)
-        return self._folder
-
-    def scratch(self) -> Path:
-        """The temporary folder the run writes in (see the class docstring)."""
-        return self.root if self.root is not None else Path(tempfile.gettempdir())
-
-
-def weight_values(constant: gs.Constant) -> np.ndarray:
-    """The constant's values, read without caching them in the graph (rule 6)."""
-    values = constant._values
-    if isinstance(values, LazyValues):
-        return values.load()
-    return np.asarray(values)
-
-
-def set_weight(model: Model, constant: gs.Constant, array: np.ndarray) -> None:
-    """Give ``constant`` new values, spilled to disk when large (rule 6)."""
-    replace_values(constant, model.spill.values(array, constant.name))
-
-
-def replace_values(constant: gs.Constant, values: np.ndarray | LazyValues) -> None:
-    """Give ``constant`` values computed earlier (e.g. by :meth:`WeightSpill.values`)."""
-    constant._values = values
-    # Imported external tensors carry data_location=EXTERNAL, which graphsurgeon copies onto
-    # the exported proto; new in-memory values are plain data (spilled ones are lazy protos).
-    constant.data_location = None
-
-
-_NATIVE_NUMPY_TYPES = frozenset(
-    {
-        onnx.TensorProto.FLOAT,
-        onnx.TensorProto.DOUBLE,
-        onnx.TensorProto.FLOAT16,
-        onnx.TensorProto.INT8,
-        onnx.TensorProto.UINT8,
-        onnx.TensorProto.INT16,
-        onnx.TensorProto.UINT16,
-        onnx.TensorProto.INT32,
-        onnx.TensorProto.UINT32,
-        onnx.TensorProto.INT64,
-        onnx.TensorProto.UINT64,
-        onnx.TensorProto.BOOL,
-    }
-)
 
 
 def _inline_tensor_proto(constant: gs.Constant) -> onnx.TensorProto:
@@ -255,7 +124,7 @@ class ExternalWriter:
         self.offset = 0
 
     def write(self, constant: gs.Constant) -> onnx.TensorProto:
-        values = constant._values
+        values = storage(constant)
         if isinstance(values, ExternalValues):
             proto = onnx.TensorProto()
             proto.CopyFrom(values.tensor)
@@ -263,7 +132,7 @@ class ExternalWriter:
             if self.keep_source_refs:
                 self.kept[constant.name] = values.base_dir
                 return proto
-            self._align(constant_nbytes(constant))
+            self._align(nbytes(constant))
             length = _copy_external_bytes(proto, values.base_dir, self.handle)
         else:
             source = _inline_tensor_proto(constant)
@@ -277,7 +146,7 @@ class ExternalWriter:
             self.handle.write(raw)
             length = len(raw)
             del raw
-        _point_to_external(proto, self.location, self.offset, length)
+        point_to_external(proto, self.location, self.offset, length)
         self.offset += length
         return proto
 
@@ -332,9 +201,9 @@ class Model:
         for tensor in graph.tensors().values():
             if not isinstance(tensor, gs.Constant):
                 continue
-            if isinstance(tensor._values, SparseValues):
+            if isinstance(storage(tensor), SparseValues):
                 sparse.append(OnnxExporter.export_sparse_tensor_proto(tensor))
-            elif external is not None and constant_nbytes(tensor) >= EXTERNAL_THRESHOLD_BYTES:
+            elif external is not None and nbytes(tensor) >= EXTERNAL_THRESHOLD_BYTES:
                 initializers.append(external.write(tensor))
             elif external is not None and not external.keep_source_refs:
                 # small tensors stored in the source's data file: inline, never a reference
@@ -370,7 +239,7 @@ class Model:
 
     def weight_bytes(self) -> int:
         """Bytes held by constant tensors, lazy or not (no weight is loaded to count them)."""
-        return sum(constant_nbytes(c) for c in iter_constants(self.graph))
+        return sum(nbytes(c) for c in iter_constants(self.graph))
 
 
 @contextlib.contextmanager
@@ -513,15 +382,15 @@ def skeleton_proto(model: Model) -> onnx.ModelProto:
     for tensor in graph.tensors().values():
         if not isinstance(tensor, gs.Constant):
             continue
-        values = tensor._values
+        values = storage(tensor)
         external = isinstance(values, ExternalValues) or (
             type(values) is LazyValues  # subclasses may compute their proto on access
             and external_data_helper.uses_external_data(values.tensor)
         )
-        if constant_nbytes(tensor) > SKELETON_INLINE_LIMIT_BYTES or external:
+        if nbytes(tensor) > SKELETON_INLINE_LIMIT_BYTES or external:
             heavy.append(
                 helper.make_tensor_value_info(
-                    tensor.name, _onnx_dtype(tensor), list(tensor.shape or [])
+                    tensor.name, element_type(tensor), list(tensor.shape or [])
                 )
             )
         else:
@@ -595,17 +464,6 @@ def _empty_sparse(tensor: onnx.TensorProto) -> onnx.SparseTensorProto:
     return onnx.SparseTensorProto(values=values, indices=indices, dims=list(tensor.dims))
 
 
-def _onnx_dtype(constant: gs.Constant) -> int:
-    """The ONNX element type of a constant, without loading lazy values."""
-    values = constant._values
-    if isinstance(values, LazyValues):
-        dtype = values.dtype  # graphsurgeon keeps ONNX enums for types NumPy lacks
-        if isinstance(dtype, int | np.integer):
-            return int(dtype)
-        return int(helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
-    return int(helper.np_dtype_to_tensor_dtype(np.asarray(values).dtype))
-
-
 def _merge_opsets(
     original: Iterator[onnx.OperatorSetIdProto] | list, exported: Iterator[onnx.OperatorSetIdProto]
 ) -> list[onnx.OperatorSetIdProto]:
@@ -637,16 +495,9 @@ def iter_constants(graph: gs.Graph) -> Iterator[gs.Constant]:
                 yield tensor
 
 
-def constant_nbytes(constant: gs.Constant) -> int:
-    values = constant._values
-    if isinstance(values, LazyValues):
-        return int(values.nbytes)
-    return int(np.asarray(values).nbytes)
-
-
 def constant_tensor_proto(constant: gs.Constant) -> onnx.TensorProto:
     """A self-contained TensorProto of ``constant`` (external bytes read in), named like it."""
-    values = constant._values
+    values = storage(constant)
     if isinstance(values, LazyValues):
         proto = onnx.TensorProto()
         proto.CopyFrom(values.tensor)
@@ -873,10 +724,10 @@ def _import_graph(proto: onnx.ModelProto, path: Path) -> gs.Graph:
 def _attach_external_values(graph: gs.Graph, base_dir: Path) -> None:
     """Replace graphsurgeon's lazy values of external tensors by base_dir-aware ones."""
     for constant in iter_constants(graph):
-        values = constant._values
+        values = storage(constant)
         if isinstance(values, LazyValues) and not isinstance(values, ExternalValues):
             if external_data_helper.uses_external_data(values.tensor):
-                constant._values = ExternalValues(values.tensor, base_dir)
+                set_storage(constant, ExternalValues(values.tensor, base_dir))
 
 
 def save_model(
@@ -1009,7 +860,7 @@ def _mapped_array(tensor: onnx.TensorProto, base_dir: Path) -> np.ndarray | None
     an offset not aligned to the element size, no elements)."""
     if tensor.data_type in _STAND_IN_DTYPES:
         dtype = _STAND_IN_DTYPES[tensor.data_type].newbyteorder("<")
-    elif tensor.data_type in _NATIVE_NUMPY_TYPES:
+    elif tensor.data_type in NATIVE_NUMPY_TYPES:
         dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type).newbyteorder("<")
     else:
         return None
@@ -1054,18 +905,10 @@ def _external_sources(model: Model) -> dict[str, Path]:
     """Map initializer name → base dir for tensors whose bytes live in the source's data files."""
     sources: dict[str, Path] = {}
     for constant in iter_constants(model.graph):
-        if isinstance(constant._values, ExternalValues):
-            sources[constant.name] = constant._values.base_dir
+        values = storage(constant)
+        if isinstance(values, ExternalValues):
+            sources[constant.name] = values.base_dir
     return sources
-
-
-def _point_to_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
-    _clear_data_fields(tensor)
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        entry = tensor.external_data.add()
-        entry.key = key
-        entry.value = value
 
 
 def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
@@ -1074,21 +917,6 @@ def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
     if tensor.data_type == onnx.TensorProto.STRING:
         raise InputError(f"string tensor '{tensor.name}' cannot be stored as external data")
     return onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor)).raw_data
-
-
-def _clear_data_fields(tensor: onnx.TensorProto) -> None:
-    for name in (
-        "raw_data",
-        "float_data",
-        "int32_data",
-        "int64_data",
-        "double_data",
-        "uint64_data",
-        "string_data",
-    ):
-        tensor.ClearField(name)
-    del tensor.external_data[:]
-    tensor.data_location = onnx.TensorProto.DEFAULT
 
 
 def _copy_external_bytes(tensor: onnx.TensorProto, base_dir: Path, out: object) -> int:

@@ -36,6 +36,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get_onnx_tensor_shape
 
+from graphopt.ir import weights
 from graphopt.ir.edit import replace_uses
 from graphopt.ir.folding import DEFAULT_MAX_GROWTH_BYTES, fold_constants
 from graphopt.ir.model import (
@@ -200,7 +201,7 @@ def _constant_nodes_to_tensors(graph: gs.Graph) -> int:
             continue
         attr_value = node.attrs.get("value")
         if isinstance(attr_value, gs.Constant):
-            output.to_constant(attr_value._values)  # keeps lazy/external values and exact dtype
+            output.to_constant(weights.storage(attr_value))  # keeps lazy/external values and dtype
         else:
             value = _constant_node_value(node)
             if value is None:

@@ -16,15 +16,8 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.ir.model import (
-    ExternalValues,
-    Model,
-    constant_nbytes,
-    iter_constants,
-    iter_graphs,
-    model_file_bytes,
-    weight_values,
-)
+from graphopt.ir import weights
+from graphopt.ir.model import Model, iter_constants, iter_graphs, model_file_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -112,15 +105,15 @@ def summarize(model: Model) -> ModelSummary:
     for constant in iter_constants(graph):
         dtype = np.dtype(constant.dtype).name if constant.dtype is not None else "unknown"
         count = int(np.prod(constant.shape, dtype=np.int64)) if constant.shape is not None else 0
-        nbytes = constant_nbytes(constant)
+        nbytes = weights.nbytes(constant)
         parameters += count
         params_by_dtype[dtype] += count
         bytes_by_dtype[dtype] += nbytes
-        if isinstance(constant._values, ExternalValues):
+        if weights.is_external(constant):
             external_tensors += 1
             external_bytes += nbytes
         if dtype.startswith(("float", "bfloat")) and count > 1:
-            values = weight_values(constant)
+            values = weights.read(constant)
             zeros += int(np.count_nonzero(values == 0))
             float_params += count
             del values

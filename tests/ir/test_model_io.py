@@ -10,7 +10,8 @@ import pytest
 from onnx import helper
 
 from graphopt.errors import InputError, ModelLoadError
-from graphopt.ir.model import ExternalValues, load_model, save_model
+from graphopt.ir.model import load_model, save_model
+from graphopt.ir.weights import ExternalValues
 
 from ..conftest import assert_same_outputs, float_input, make_model, sha256_of, weight
 

@@ -18,18 +18,11 @@ import graphopt.data.calibration as calibration
 from graphopt.check.validate import compare_models
 from graphopt.data.calibration import StatRequest, chunk_by_budget, collect
 from graphopt.data.feeds import input_specs, open_data
-from graphopt.ir.model import (
-    ExternalValues,
-    SpilledValues,
-    load_model,
-    model_from_proto,
-    runnable_model,
-    save_model,
-    set_weight,
-    weight_values,
-)
+from graphopt.ir import weights
+from graphopt.ir.model import load_model, model_from_proto, runnable_model, save_model
 from graphopt.ir.normalize import normalize
 from graphopt.ir.ort import make_session
+from graphopt.ir.weights import ExternalValues, SpilledValues
 from graphopt.pipeline import optimize
 
 from ..conftest import float_input, make_model, run_ort, sha256_of
@@ -70,9 +63,9 @@ def _feeds(width: int, samples: int = 16, batch: int = 8):  # type: ignore[no-un
 def test_weight_values_leaves_lazy_weights_on_disk(tmp_path: Path) -> None:
     model = load_model(_save_external(_deep_mlp(1), tmp_path / "m.onnx"))
     constant = next(t for t in model.graph.tensors().values() if isinstance(t, gs.Constant))
-    values = weight_values(constant)
+    values = weights.read(constant)
     assert values.shape == (WIDTH, WIDTH)
-    assert isinstance(constant._values, ExternalValues)  # graphsurgeon's .values would cache it
+    assert isinstance(weights.storage(constant), ExternalValues)  # .values would cache it
 
 
 def test_large_computed_weights_spill_to_the_tmp_dir_and_save(tmp_path: Path) -> None:
@@ -82,14 +75,14 @@ def test_large_computed_weights_spill_to_the_tmp_dir_and_save(tmp_path: Path) ->
     model = load_model(source, tmp_dir=scratch)
     constant = model.graph.nodes[0].inputs[1]
     new = np.full((WIDTH, WIDTH), 0.5, np.float32)
-    set_weight(model, constant, new)
-    spilled = constant._values
+    weights.replace(model, constant, new)
+    spilled = weights.storage(constant)
     assert isinstance(spilled, SpilledValues)
     path = Path(spilled.base_dir) / spilled.tensor.external_data[0].value
     assert path.is_file() and path.parent.parent == scratch  # never beside the source
     small = gs.Constant("small", np.ones(4, np.float32))
-    set_weight(model, small, np.zeros(4, np.float32))
-    assert isinstance(small._values, np.ndarray)  # under 1 MiB: stays in memory
+    weights.replace(model, small, np.zeros(4, np.float32))
+    assert isinstance(weights.storage(small), np.ndarray)  # under 1 MiB: stays in memory
 
     out = tmp_path / "out.onnx"
     save_model(model, out)
