@@ -17,6 +17,12 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
+    "Settings": "graphopt.settings",
+    "BarCosine": "graphopt.passkit.options",
+    "sweep": "graphopt.passkit.options",
+    "SearchPoint": "graphopt.passkit.options",
+    "SearchSpace": "graphopt.passkit.options",
+    "OrderRank": "graphopt.passkit.ordering",
     "Agreement": "graphopt.check.validate",
     "agreement": "graphopt.check.validate",
     "bisect_passes": "graphopt.check.bisect",
@@ -111,12 +117,15 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from graphopt.ir.normalize import normalize
     from graphopt.passkit.api import Budget, Pass, PassContext, PassResult
     from graphopt.passkit.manager import PassManager, plan_order
-    from graphopt.passkit.options import Option
+    from graphopt.passkit.options import BarCosine, Option, SearchPoint, SearchSpace, sweep
+    from graphopt.passkit.ordering import OrderRank
     from graphopt.pipeline import OptimizeReport, optimize
+    from graphopt.settings import Settings
     from graphopt.tuning.search import TuneResult, tune
 
 __all__ = [
     "Agreement",
+    "BarCosine",
     "BisectReport",
     "Budget",
     "Criteria",
@@ -131,12 +140,16 @@ __all__ = [
     "OptimizeReport",
     "Option",
     "OptionError",
+    "OrderRank",
     "Pass",
     "PassContext",
     "PassError",
     "PassManager",
     "PassResult",
     "PlanError",
+    "SearchPoint",
+    "SearchSpace",
+    "Settings",
     "TensorComparison",
     "TuneResult",
     "UnknownPassError",
@@ -157,6 +170,7 @@ __all__ = [
     "plan_order",
     "run_gate",
     "save_model",
+    "sweep",
     "synthesize",
     "synthesize_runnable",
     "tune",

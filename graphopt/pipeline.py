@@ -2,12 +2,12 @@
 
 load → normalize → plan → passes (with checks between them) → stage → validate → report →
 publish. The input file is only read. The output is written complete into a staging folder in
-the temporary folder (``tmp_dir``, default the system's), validated there against the input
-file (on the validation data when given, else on the calibration data), and published only
-then, together with the report (:mod:`graphopt.ir.files`): a run that stops with an error or an
-interrupt before publishing leaves ``OUT`` and the report as they were, absent or the previous
-files (an interrupt during publishing waits for it to finish). A failed validation still
-publishes the output (exit 1 in the CLI), for inspection. When validation fails, ``bisect``
+the temporary folder (``tmp_dir`` or ``settings.tmp_dir``, default the system's), validated there
+against the input file (on the validation data when given, else on the calibration data), and
+published only then, together with the report (:mod:`graphopt.ir.files`): a run that stops with
+an error or an interrupt before publishing leaves ``OUT`` and the report as they were, absent or
+the previous files (an interrupt during publishing waits for it to finish). A failed validation
+still publishes the output (exit 1 in the CLI), for inspection. When validation fails, ``bisect``
 finds the first failing pass and node, and ``per_tensor`` reports where the error starts.
 
 Default budget (:func:`budget_for`, the same rule in ``graphopt check``): exact passes only are
@@ -22,6 +22,7 @@ expected, an empty plan, options that are not mappings, criteria that are not
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -60,7 +61,9 @@ from graphopt.ir.normalize import load_normalized
 from graphopt.ir.ort import resolve_providers
 from graphopt.passkit.api import Pass, PassContext, plan_opset
 from graphopt.passkit.manager import PassManager, RunReport
+from graphopt.passkit.ordering import OrderMode
 from graphopt.passkit.registry import load_pass_class
+from graphopt.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -140,11 +143,21 @@ def optimize(
     on_event: EventHook | None = None,
     tmp_dir: str | os.PathLike[str] | None = None,
     report_path: str | os.PathLike[str] | None = None,
+    settings: Settings | None = None,
+    order: OrderMode = "planned",
 ) -> OptimizeReport:
     """Run the pipeline; see the module docstring. Raises InputError on unusable input.
 
-    ``tmp_dir``: where temporary files go (None: the system's, ``TMPDIR`` honoured).
+    ``tmp_dir``: where temporary files go; it overrides ``settings.tmp_dir`` (an explicit
+    argument beats the settings, as a flag beats an environment variable); None for
+    ``settings.tmp_dir``, else the system's (``TMPDIR`` honoured).
     ``report_path``: the report as JSON, written before the output is published.
+    ``order``: ``"planned"`` sorts the passes by their declared relations and ranks;
+    ``"given"`` runs them as listed, refusing an order that breaks a declared relation
+    (:mod:`graphopt.passkit.ordering`).
+    ``settings``: how the run uses the machine (:class:`~graphopt.settings.Settings`: threads,
+    calibration memory budgets, the validation sessions' ONNX Runtime level); the passes get it
+    as ``context.settings``. None reads the ``GRAPHOPT_*`` variables (``Settings.from_env``).
     """
     emit = on_event or (lambda _kind, _info: None)
     source, target = Path(input_path), Path(output_path)
@@ -152,7 +165,8 @@ def optimize(
     providers = resolve_providers(_provider_names(providers))
     if criteria is not None and not isinstance(criteria, Criteria):
         raise OptionError(f"criteria must be a graphopt.Criteria, not {type(criteria).__name__}")
-    scratch = resolve_tmp_dir(tmp_dir)
+    settings = _run_settings(settings, tmp_dir)
+    scratch = resolve_tmp_dir(settings.tmp_dir)
     check_output_path(target, source)
     report_target = None if report_path is None else Path(report_path)
     if report_target is not None:
@@ -167,7 +181,7 @@ def optimize(
             }
         )
     pass_objects = build_passes(list(passes), options or {})
-    manager = PassManager(pass_objects, on_event=emit)
+    manager = PassManager(pass_objects, order=order, on_event=emit)
     emit("plan", {"plan": manager.plan})
     chosen = criteria or default_criteria(manager.passes)
     if validate:
@@ -208,6 +222,7 @@ def optimize(
             {"label": label, "index": index, "total": batches if total is None else total},
         ),
         providers=tuple(providers),
+        settings=settings,
     )
     model, run_report = manager.run(model, context)
     timings["passes"] = time.perf_counter() - started
@@ -245,6 +260,7 @@ def optimize(
                 bisect=bisect,
                 tmp_dir=scratch,
                 batches=check_batches,
+                settings=settings,
             )
         written = None if report_target is None else (report_target, report_json(report))
         try:
@@ -253,6 +269,16 @@ def optimize(
             raise storage_error(error, f"cannot write {target}") from error
     emit("saved", {"path": str(target)})
     return report
+
+
+def _run_settings(settings: Settings | None, tmp_dir: str | os.PathLike[str] | None) -> Settings:
+    """The run's settings: ``settings`` (None: from ``GRAPHOPT_*``), ``tmp_dir`` overriding."""
+    if settings is not None and not isinstance(settings, Settings):
+        raise OptionError(
+            f"settings must be a graphopt.settings.Settings, not {type(settings).__name__}"
+        )
+    chosen = Settings.from_env() if settings is None else settings
+    return chosen if tmp_dir is None else dataclasses.replace(chosen, tmp_dir=Path(tmp_dir))
 
 
 def report_json(report: OptimizeReport) -> str:
@@ -275,6 +301,7 @@ def _validate_staged(
     bisect: bool,
     tmp_dir: Path,
     batches: int | None,
+    settings: Settings,
 ) -> None:
     """Validate the staged output against the input; fill the report's validation parts."""
     timings = report.seconds
@@ -289,6 +316,7 @@ def _validate_staged(
         on_batch=lambda index: emit("validate-batch", {"index": index, "total": batches}),
         seed=seed,
         tmp_dir=tmp_dir,
+        settings=settings,
     )
     timings["validate"] = time.perf_counter() - started
     if per_tensor:
@@ -298,7 +326,14 @@ def _validate_staged(
         emit("bisect-start", {})
         started = time.perf_counter()
         report.bisect = bisect_passes(
-            source, planned, feeds, criteria, providers=providers, seed=seed, tmp_dir=tmp_dir
+            source,
+            planned,
+            feeds,
+            criteria,
+            providers=providers,
+            seed=seed,
+            tmp_dir=tmp_dir,
+            settings=settings,
         )
         timings["bisect"] = time.perf_counter() - started
 

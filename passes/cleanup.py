@@ -18,6 +18,7 @@ from graphopt.ir.model import Model, iter_constants, iter_graphs
 from graphopt.ir.normalize import bypass_constant_identities
 from graphopt.passkit.api import Pass, PassContext, PassResult, graph_fingerprint
 from graphopt.passkit.options import Option
+from graphopt.passkit.ordering import OrderRank
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class CleanupPass(Pass):
     exact: ClassVar[bool] = True
     reads_weights: ClassVar[bool] = False
     run_before: ClassVar[frozenset[str]] = frozenset({"sparsify", "lowrank", "quant", "fp16"})
+    order_rank: ClassVar[OrderRank] = OrderRank.EXACT
     options_schema: ClassVar[tuple[Option, ...]] = (
         Option("fold_constants", bool, True, "fold constant subgraphs (rule 1)"),
         Option(

@@ -25,7 +25,8 @@ from graphopt.ir import weights
 from graphopt.ir.edit import replace_output, replace_uses
 from graphopt.ir.model import Model, skeleton_proto
 from graphopt.passkit.api import Budget, Pass, PassContext, PassResult
-from graphopt.passkit.options import Option
+from graphopt.passkit.options import Option, SearchPoint, SearchSpace
+from graphopt.passkit.ordering import OrderRank
 from graphopt.passkit.qdq import Namer
 from graphopt.passkit.selection import matches_any
 
@@ -362,6 +363,7 @@ class Fp16Pass(Pass):
     MiniLM's output cosine is 0.99999; 0.999 / 40 dB leaves room for deep models while still
     failing any real breakage (an overflow or a wrongly typed island drops far below)."""
     run_after: ClassVar[frozenset[str]] = frozenset({"cleanup", "quant", "lowrank", "sparsify"})
+    order_rank: ClassVar[OrderRank] = OrderRank.CAST
     options_schema: ClassVar[tuple[Option, ...]] = (
         Option(
             "dtype",
@@ -399,6 +401,12 @@ class Fp16Pass(Pass):
             maximum=FP16_MAX,
         ),
     )
+    search_space: ClassVar[SearchSpace] = SearchSpace(
+        points=(SearchPoint(objectives=("size",)),), slow_on=frozenset({"cpu"})
+    )
+    """``tune``: on, at its defaults; smaller, but ONNX Runtime's CPU provider runs most float16
+    ops through casts (rule 13), so on the CPU it is picked for latency only when measured
+    faster."""
 
     def call(self, model: Model, context: PassContext) -> PassResult:
         target = FLOAT16 if self.options["dtype"] == "float16" else BFLOAT16
@@ -621,6 +629,7 @@ class _Conversion:
                 feeds,
                 [StatRequest(name) for name in names],
                 on_batch=lambda index: self.context.report_progress("fp16: calibrating", index),
+                settings=self.context.settings,
             )
             for name, found in stats.items():
                 if found.count:

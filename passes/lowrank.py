@@ -27,7 +27,8 @@ from graphopt.errors import InputError
 from graphopt.ir import weights
 from graphopt.ir.model import Model, iter_graphs
 from graphopt.passkit.api import Budget, Pass, PassContext, PassResult, WeightClaims
-from graphopt.passkit.options import Option
+from graphopt.passkit.options import Option, SearchPoint, SearchSpace, sweep
+from graphopt.passkit.ordering import OrderRank
 from graphopt.passkit.qdq import Namer
 from graphopt.passkit.selection import body_labels, count_reasons, matches_any, node_label
 from graphopt.passkit.svd import (
@@ -167,6 +168,7 @@ class LowRankPass(Pass):
     exact: ClassVar[bool] = False
     run_after: ClassVar[frozenset[str]] = frozenset({"cleanup"})
     run_before: ClassVar[frozenset[str]] = frozenset({"quant", "fp16"})
+    order_rank: ClassVar[OrderRank] = OrderRank.STRUCTURE
     budget: ClassVar[Budget] = Budget(min_cosine=0.85, min_snr_db=5.0)
     options_schema: ClassVar[tuple[Option, ...]] = (
         Option(
@@ -228,6 +230,10 @@ class LowRankPass(Pass):
         Option("include", list, [], "only split nodes whose names match one of these globs"),
         Option("exclude", list, [], "never split nodes whose names match these globs"),
     )
+    search_space: ClassVar[SearchSpace] = SearchSpace(
+        points=(*sweep("ratio", (0.9, 0.75, 0.5)), SearchPoint({"energy": 0.99}))
+    )
+    """``tune``: three parameter ratios, then a spectral-energy cut."""
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
@@ -243,7 +249,11 @@ class LowRankPass(Pass):
         if data_aware:
             _log_data_free(data_free)
         use_global = self.options["allocation"] == "global" and not self._fixed_target()
-        chunks = chunk_by_budget(measured, _gram_tensors, gram_budget(model)) if measured else []
+        chunks = (
+            chunk_by_budget(measured, _gram_tensors, gram_budget(model, context.settings))
+            if measured
+            else []
+        )
         decisions: list[Decision] = []
         seed = context.seed
         for chunk in chunks:
@@ -417,6 +427,7 @@ class LowRankPass(Pass):
             context.data,
             requests,
             on_batch=lambda index: context.report_progress("lowrank: collecting XᵀX", index),
+            settings=context.settings,
         )
         return {name: s.gram for name, s in stats.items() if s.gram is not None}
 

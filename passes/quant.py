@@ -28,7 +28,8 @@ from graphopt.ir.edit import replace_input
 from graphopt.ir.model import Model, iter_graphs, runnable_model
 from graphopt.ir.ort import make_session
 from graphopt.passkit.api import Budget, Pass, PassContext, PassResult
-from graphopt.passkit.options import Option
+from graphopt.passkit.options import BarCosine, Option, SearchPoint, SearchSpace, sweep
+from graphopt.passkit.ordering import OrderRank
 from graphopt.passkit.qdq import (
     Namer,
     QuantParams,
@@ -39,6 +40,7 @@ from graphopt.passkit.qdq import (
     quantize_weight,
 )
 from graphopt.passkit.selection import count_reasons, count_values, matches_any
+from graphopt.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +219,7 @@ class QuantPass(Pass):
     exact: ClassVar[bool] = False
     run_after: ClassVar[frozenset[str]] = frozenset({"cleanup", "lowrank", "sparsify"})
     run_before: ClassVar[frozenset[str]] = frozenset({"fp16"})
+    order_rank: ClassVar[OrderRank] = OrderRank.ENCODING
     budget: ClassVar[Budget] = Budget(min_cosine=0.99, min_snr_db=15.0)
     options_schema: ClassVar[tuple[Option, ...]] = (
         Option("calibrator", str, "percentile", "activation range calibrator", choices=CALIBRATORS),
@@ -336,6 +339,21 @@ class QuantPass(Pass):
             "ONNX Runtime keeps them integer (rule 15)",
         ),
     )
+    search_space: ClassVar[SearchSpace] = SearchSpace(
+        common={"target_cosine": BarCosine()},
+        points=(
+            SearchPoint(),
+            SearchPoint({"target_cosine": BarCosine(slack=0.5)}),
+            SearchPoint({"fallback": "dynamic"}),
+            SearchPoint({"smooth_outliers": True}),
+            *sweep("calibrator", ("entropy", "mse")),
+            SearchPoint({"mode": "dynamic"}),
+            SearchPoint({"calibrator": "minmax"}),
+            SearchPoint({"backend": "tensorrt"}),
+        ),
+    )
+    """``tune``: target_cosine at the bar and halfway to 1 (how many harmful nodes the
+    accuracy-driven loop excludes back to float), then one alternative at a time."""
 
     def required_opset(self) -> int | None:
         """Rule 13: per-axis Q/DQ need 13; per-tensor Q/DQ 10; DynamicQuantizeLinear 11."""
@@ -389,13 +407,14 @@ class QuantPass(Pass):
         candidates = [self._initial_scheme(c) for c in candidates]
         calibration_feeds, held_aside = _split_feeds(feeds, self._accuracy_driven(feeds))
         if self.options["smooth_alpha"] > 0 or self.options["smooth_outliers"]:
-            smoothed = self._smooth(model, candidates, calibration_feeds)
+            smoothed = self._smooth(model, candidates, calibration_feeds, context.settings)
             logger.info("quant: smoothing rescaled %d nodes", smoothed)
         stats = collect(
             model,
             calibration_feeds,
             self._requests(model.graph, candidates),
             on_batch=lambda index: context.report_progress("quant: calibrating", index),
+            settings=context.settings,
         )
         candidates = self._large_enough(
             model.graph, candidates, stats, calibration_feeds.count_samples(), report
@@ -824,9 +843,7 @@ class QuantPass(Pass):
             float(node.attrs.get("alpha", 1.0)) != 1.0 or float(node.attrs.get("beta", 1.0)) != 1.0
         ):
             return
-        quantized, params = quantize_bias(
-            weights.read(bias), float(activation.scale), weight.scale
-        )
+        quantized, params = quantize_bias(weights.read(bias), float(activation.scale), weight.scale)
         node.inputs[index] = dequantize_node(graph, namer, bias.name, quantized, params)
 
     # --- rule 5 -------------------------------------------------------------------------------
@@ -844,7 +861,7 @@ class QuantPass(Pass):
         context: PassContext,
     ) -> list[Candidate]:
         target = self.options["target_cosine"]
-        evaluator = _Evaluator(model, held_aside)
+        evaluator = _Evaluator(model, held_aside, context.settings.threads)
         score = evaluator.score(self, chosen, ranges)
         logger.info(
             "quant: held-aside cosine with all %d nodes quantized: %.6f", len(chosen), score
@@ -885,7 +902,9 @@ class QuantPass(Pass):
 
     # --- rule 6 -------------------------------------------------------------------------------
 
-    def _smooth(self, model: Model, candidates: list[Candidate], feeds: Feeds) -> int:
+    def _smooth(
+        self, model: Model, candidates: list[Candidate], feeds: Feeds, settings: Settings
+    ) -> int:
         eligible = [
             c
             for c in candidates
@@ -898,7 +917,7 @@ class QuantPass(Pass):
         requests = [
             StatRequest(c.activation.name, minmax=False, channel_absmax=True) for c in eligible
         ]
-        stats = collect(model, feeds, requests)
+        stats = collect(model, feeds, requests, settings=settings)
         by_activation: dict[int, list[Candidate]] = {}
         for candidate in eligible:
             by_activation.setdefault(id(candidate.activation), []).append(candidate)
@@ -1199,14 +1218,15 @@ def _divide_activation(
 class _Evaluator:
     """Held-aside cosine of a quantization plan against the float model (rule 5)."""
 
-    def __init__(self, model: Model, feeds: Feeds) -> None:
+    def __init__(self, model: Model, feeds: Feeds, threads: int = 0) -> None:
         self.model = model
         self.feeds = feeds
+        self.threads = threads
         self.reference = self._outputs(model)
 
     def _outputs(self, model: Model) -> list[list[np.ndarray]]:
         with runnable_model(model) as runnable:
-            session = make_session(runnable, optimize=False)
+            session = make_session(runnable, optimize=False, threads=self.threads)
             return [session.run(None, feed) for feed in self.feeds]
 
     def score(

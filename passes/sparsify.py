@@ -34,7 +34,8 @@ from graphopt.ir import weights
 from graphopt.ir.edit import replace_input
 from graphopt.ir.model import Model, iter_graphs
 from graphopt.passkit.api import Budget, Pass, PassContext, PassResult
-from graphopt.passkit.options import Option
+from graphopt.passkit.options import Option, SearchPoint, SearchSpace
+from graphopt.passkit.ordering import OrderRank
 from graphopt.passkit.qdq import Namer
 from graphopt.passkit.selection import body_labels, count_values, matches_any, node_label
 
@@ -572,6 +573,7 @@ class SparsifyPass(Pass):
     reads_weights: ClassVar[bool] = True
     run_after: ClassVar[frozenset[str]] = frozenset({"cleanup"})
     run_before: ClassVar[frozenset[str]] = frozenset({"quant", "fp16"})
+    order_rank: ClassVar[OrderRank] = OrderRank.VALUES
     budget: ClassVar[Budget] = Budget(min_cosine=0.9, min_snr_db=7.0)
     """Sparsity is lossy by design, so the exact-pass 0.99 would refuse every useful run. 0.9
     (≈ 7 dB SNR) is the quality bar of issue 6: on MiniLM (256 held-out sentences) sparsegpt
@@ -643,6 +645,18 @@ class SparsifyPass(Pass):
         ),
         Option("report_gzip", bool, True, "measure deflate sizes of the weights (rule 8)"),
     )
+    search_space: ClassVar[SearchSpace] = SearchSpace(
+        common={"report_gzip": False},
+        points=(
+            SearchPoint({"sparsity": 0.3}, objectives=()),
+            SearchPoint({"pattern": "channel", "sparsity": 0.25}),
+            SearchPoint({"sparsity": 0.5}, objectives=()),
+            SearchPoint({"pattern": "n:m"}, objectives=()),
+            SearchPoint({"sparsity": 0.3, "method": "wanda"}, objectives=()),
+        ),
+    )
+    """``tune``: zeros (unstructured, N:M) neither shrink the file nor speed ONNX Runtime up on
+    their own, so only channel pruning is expected to help alone; no gzip report."""
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         super().__init__(options)
@@ -880,7 +894,7 @@ class SparsifyPass(Pass):
             model.graph.toposort()
         stages = _stages(model.graph, jobs) if sequential else [jobs]
         touched: list[str] = []
-        budget = gram_budget(model)
+        budget = gram_budget(model, context.settings)
         runs = 0
         for stage in stages:
             # Every run of a stage sees the graph as the stage began: new weights are applied
@@ -948,6 +962,7 @@ class SparsifyPass(Pass):
             context.data,
             requests,
             on_batch=lambda index: context.report_progress("sparsify: calibrating", index),
+            settings=context.settings,
         )
 
     def _global_thresholds(self, jobs: Sequence[WeightJob], method: str) -> dict[int, np.ndarray]:
@@ -1109,6 +1124,7 @@ class SparsifyPass(Pass):
                 context.data,
                 requests,
                 on_batch=lambda index: context.report_progress("sparsify: calibrating", index),
+                settings=context.settings,
             )
         namer = Namer(*iter_graphs(graph))
         touched = []

@@ -1,9 +1,9 @@
 """Issue 17: the core's folders are the pipeline's stages, and imports only run down them.
 
-Stages, in order: ``errors`` → ``ir`` → ``data`` → ``passkit`` → ``check`` → ``pipeline`` →
-``tuning`` → ``cli``. A module may import from its own stage and the ones before it, never
-from a later one (function-level imports included), and module-level imports form no cycle,
-so every module can be imported first, alone, in a fresh process.
+Stages, in order: ``errors`` → ``settings`` → ``ir`` → ``data`` → ``passkit`` → ``check`` →
+``pipeline`` → ``tuning`` → ``cli``. A module may import from its own stage and the ones
+before it, never from a later one (function-level imports included), and module-level imports
+form no cycle, so every module can be imported first, alone, in a fresh process.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from .conftest import REPO_ROOT
 
-STAGES = ("errors", "ir", "data", "passkit", "check", "pipeline", "tuning", "cli")
+STAGES = ("errors", "settings", "ir", "data", "passkit", "check", "pipeline", "tuning", "cli")
 PACKAGE = REPO_ROOT / "graphopt"
 
 

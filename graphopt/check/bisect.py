@@ -27,6 +27,7 @@ from graphopt.ir.model import write_model
 from graphopt.ir.normalize import load_normalized
 from graphopt.passkit.api import Pass, PassContext, plan_opset
 from graphopt.passkit.manager import PassManager
+from graphopt.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +63,11 @@ class _Prober:
         seed: int,
         folder: Path,
         tmp_dir: Path | None,
+        settings: Settings,
     ) -> None:
         self.source, self.passes, self.feeds = source, list(passes), feeds
         self.criteria, self.providers, self.seed, self.folder = criteria, providers, seed, folder
-        self.tmp_dir = tmp_dir
+        self.tmp_dir, self.settings = tmp_dir, settings
         self.probes = 0
 
     def run(self, count: int, scope: frozenset[str] | None = None) -> tuple[bool, list[str]]:
@@ -78,11 +80,12 @@ class _Prober:
             tmp_dir=self.tmp_dir,
         )
         if count > 1:
-            model, _ = PassManager(self.passes[: count - 1], check=False).run(
-                model, PassContext(data=self.feeds, seed=self.seed)
+            model, _ = PassManager(self.passes[: count - 1], order="given", check=False).run(
+                model, PassContext(data=self.feeds, seed=self.seed, settings=self.settings)
             )
         last = self.passes[count - 1]
-        result = last(model, PassContext(data=self.feeds, seed=self.seed, scope=scope))
+        context = PassContext(data=self.feeds, seed=self.seed, scope=scope, settings=self.settings)
+        result = last(model, context)
         out = self.folder / f"probe{self.probes}.onnx"
         write_model(result.model, out)
         report = compare_models(
@@ -93,6 +96,7 @@ class _Prober:
             criteria=self.criteria,
             seed=self.seed,
             tmp_dir=self.tmp_dir,
+            settings=self.settings,
         )
         out.unlink()
         out.with_name(out.name + ".data").unlink(missing_ok=True)
@@ -108,12 +112,24 @@ def bisect_passes(
     providers: Sequence[str] = ("cpu",),
     seed: int = 0,
     tmp_dir: Path | None = None,
+    settings: Settings | None = None,
 ) -> BisectReport:
     """Find the first failing pass, then its first harmful node (module rules). Probe models
-    are written in ``tmp_dir`` (None: the system's temporary folder)."""
+    are written in ``tmp_dir`` (None: the system's temporary folder); passes and validation
+    run with ``settings`` (None: the defaults), as the run being bisected did."""
     report = BisectReport()
     with tempfile.TemporaryDirectory(prefix="graphopt-bisect-", dir=tmp_dir) as folder:
-        prober = _Prober(source, planned, feeds, criteria, providers, seed, Path(folder), tmp_dir)
+        prober = _Prober(
+            source,
+            planned,
+            feeds,
+            criteria,
+            providers,
+            seed,
+            Path(folder),
+            tmp_dir,
+            settings or Settings(),
+        )
         touched: list[str] = []
         for count in range(1, len(planned) + 1):
             passed, touched = prober.run(count)

@@ -34,6 +34,7 @@ from graphopt.check.latency import LatencyComparison, measure_latency
 from graphopt.check.validate import Check, Criteria, ValidationReport, compare_models, json_safe
 from graphopt.data.feeds import Feeds
 from graphopt.ir.model import model_file_bytes
+from graphopt.settings import Settings
 
 
 @dataclass
@@ -120,12 +121,21 @@ def run_gate(
     max_latency_ratio: float | None = None,
     latency_runs: int = 20,
     tmp_dir: str | os.PathLike[str] | None = None,
+    settings: Settings | None = None,
 ) -> GateReport:
     """Run every check of the module rules; ``tmp_dir`` holds the reference outputs while the
-    candidate runs (:func:`graphopt.check.validate.compare_models`; None: the system's temporary
-    folder)."""
+    candidate runs (:func:`graphopt.check.validate.compare_models`; None: ``settings.tmp_dir``,
+    else the system's temporary folder). ``settings`` (None: read from ``GRAPHOPT_*``) sets the
+    ONNX Runtime levels and threads of the validation and latency sessions."""
+    settings = Settings.from_env() if settings is None else settings
     validation = compare_models(
-        reference, candidate, feeds, providers=providers, criteria=criteria, tmp_dir=tmp_dir
+        reference,
+        candidate,
+        feeds,
+        providers=providers,
+        criteria=criteria,
+        tmp_dir=tmp_dir,
+        settings=settings,
     )
     report = GateReport(
         reference=str(reference),
@@ -153,7 +163,9 @@ def run_gate(
     )
     if max_latency_ratio is not None and candidate_runs:
         first_feed = next(iter(feeds))
-        report.latency = measure_latency(reference, candidate, first_feed, runs=latency_runs)
+        report.latency = measure_latency(
+            reference, candidate, first_feed, runs=latency_runs, settings=settings
+        )
         ratio = report.latency.ratio
         report.model_checks.append(
             Check(

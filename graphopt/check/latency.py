@@ -4,7 +4,9 @@ Rules: both sessions use ONNX Runtime's full graph optimizations (what deploymen
 warmed up first; then runs alternate in ABBA order (reference, candidate, candidate, reference …)
 so drift in machine load hits both equally; the ratio is of medians. Intra-op thread spinning is
 off: with it on, the idle session's spinning workers steal cores from the one being timed (on a
-2-core machine MiniLM timed against itself read 0.81 with spinning, 1.00 without).
+2-core machine MiniLM timed against itself read 0.81 with spinning, 1.00 without). The level of
+graph optimizations and the thread count come from :class:`~graphopt.settings.Settings`
+(``latency_ort_level``, default ``all``; ``threads``, default ONNX Runtime's).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 from graphopt.check.validate import ModelSource
 from graphopt.ir.ort import make_session
+from graphopt.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -41,11 +44,19 @@ def measure_latency(
     provider: str = "cpu",
     runs: int = 20,
     warmup: int = 3,
-    threads: int = 0,
+    threads: int | None = None,
+    settings: Settings | None = None,
 ) -> LatencyComparison:
-    """Median latency of both models on ``feed`` (module rules)."""
+    """Median latency of both models on ``feed`` (module rules).
+
+    ``settings``: None reads ``GRAPHOPT_*`` (:meth:`Settings.from_env`); ``threads``, when
+    given, overrides ``settings.threads``.
+    """
+    settings = Settings.from_env() if settings is None else settings
+    count = settings.threads if threads is None else threads
+    level = settings.latency_ort_level
     sessions = [
-        make_session(model, provider, optimize=True, threads=threads, spinning=False)
+        make_session(model, provider, optimize=level, threads=count, spinning=False)
         for model in (reference, candidate)
     ]
     inputs = dict(feed)

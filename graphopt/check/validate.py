@@ -86,6 +86,7 @@ import onnx
 from graphopt.data.feeds import Feeds
 from graphopt.errors import InputError
 from graphopt.ir.ort import PROVIDER_NAMES, make_session, node_placement
+from graphopt.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -755,7 +756,11 @@ def _errors(
 
 
 def _run_reference(
-    reference: ModelSource, provider: str, feeds: Feeds, stored: _ReferenceOutputs
+    reference: ModelSource,
+    provider: str,
+    feeds: Feeds,
+    stored: _ReferenceOutputs,
+    settings: Settings,
 ) -> tuple[list[str], str | None]:
     """Run the reference over every batch, store its outputs, free it.
 
@@ -763,7 +768,7 @@ def _run_reference(
     nothing ran.
     """
     try:
-        session = make_session(reference, provider, optimize=False)
+        session = _session(reference, provider, settings)
     except Exception as error:  # onnxruntime's own exception types
         raise InputError(
             f"the reference model does not load in onnxruntime ({provider}): {_first_line(error)}"
@@ -782,6 +787,14 @@ def _run_reference(
         del outputs
     del session
     return names, problem
+
+
+def _session(model: ModelSource, provider: str, settings: Settings) -> Any:
+    """A validation session: the settings' ONNX Runtime level (default: rewrites off) and
+    threads, the same for both models."""
+    return make_session(
+        model, provider, optimize=settings.validation_ort_level, threads=settings.threads
+    )
 
 
 def _temporary_folder(tmp_dir: str | os.PathLike[str] | None) -> tempfile.TemporaryDirectory[str]:
@@ -813,13 +826,14 @@ def _compare_on(
     stored: _ReferenceOutputs,
     on_batch: Callable[[int], None] | None,
     seed: int,
+    settings: Settings,
 ) -> _ProviderRun:
     """Both models on one provider, the reference's outputs kept in ``stored`` (rules 1, 7, 8)."""
-    ref_names, problem = _run_reference(reference, provider, feeds, stored)
+    ref_names, problem = _run_reference(reference, provider, feeds, stored, settings)
     if problem:
         return _ProviderRun(_errors(ref_names, provider, "provider", problem))
     try:
-        cand_session = make_session(candidate, provider, optimize=False)
+        cand_session = _session(candidate, provider, settings)
     except Exception as error:  # onnxruntime's own exception types
         message = f"candidate does not load in onnxruntime: {_first_line(error)}"
         return _ProviderRun(_errors(ref_names, provider, "loads", message))
@@ -873,12 +887,17 @@ def compare_models(
     on_batch: Callable[[int], None] | None = None,
     seed: int = 0,
     tmp_dir: str | os.PathLike[str] | None = None,
+    settings: Settings | None = None,
 ) -> ValidationReport:
     """Run both models on ``feeds`` on each provider and judge the candidate (module rules).
 
-    ``tmp_dir``: where the reference outputs' temporary folder goes (rule 7); None for the
-    system's temporary folder. A folder that cannot be created there is an InputError.
+    ``tmp_dir``: where the reference outputs' temporary folder goes (rule 7); None for
+    ``settings.tmp_dir`` (None there too: the system's temporary folder). A folder that cannot
+    be created there is an InputError. ``settings``: ONNX Runtime level and threads of both
+    sessions (:class:`~graphopt.settings.Settings`); None reads ``GRAPHOPT_*``.
     """
+    settings = Settings.from_env() if settings is None else settings
+    tmp_dir = settings.tmp_dir if tmp_dir is None else tmp_dir
     criteria = criteria or Criteria()
     comparisons: list[OutputComparison] = []
     placement: dict[str, dict[str, list[str]]] = {}
@@ -894,6 +913,7 @@ def compare_models(
                 _ReferenceOutputs(Path(folder)),
                 on_batch,
                 seed,
+                settings,
             )
         comparisons += run.comparisons
         samples = max(samples, run.samples)

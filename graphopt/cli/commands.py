@@ -66,13 +66,15 @@ from graphopt.ir.summary import summarize
 from graphopt.passkit.options import FiniteFloat, parse_option_assignments
 from graphopt.passkit.registry import available_pass_names, load_pass_class
 from graphopt.pipeline import OptimizeReport, budget_for, optimize
+from graphopt.settings import ENVIRONMENT, ORT_LEVELS, Settings
 from graphopt.tuning.report import front_rows
 from graphopt.tuning.search import TuneResult, tune
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 """128 + the signal's number, as shells report a process killed by SIGINT / SIGTERM."""
-_RECIPE_KEYS = frozenset({"passes", "options"})
+_RECIPE_KEYS = frozenset({"passes", "options", "order"})
+_ORDERS = ("planned", "given")
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -152,9 +154,10 @@ def _logging_flags(command: Callable[..., int]) -> Callable[..., int]:
     return click.option("-v", "--verbose", "sub_verbose", count=True, help=_VERBOSE_HELP)(run)
 
 
-def _load_recipe(path: Path | None) -> tuple[list[str], dict[str, dict[str, Any]]]:
+def _load_recipe(path: Path | None) -> tuple[list[str], dict[str, dict[str, Any]], str | None]:
+    """A recipe's passes, options and order (``planned`` or ``given``; None when not set)."""
     if path is None:
-        return [], {}
+        return [], {}, None
     try:
         text = path.read_text()
     except OSError as error:
@@ -170,14 +173,19 @@ def _load_recipe(path: Path | None) -> tuple[list[str], dict[str, dict[str, Any]
         raise InputError(f"recipe {path} must be a mapping with 'passes' and 'options'")
     unknown = sorted(set(recipe) - _RECIPE_KEYS)
     if unknown:
-        raise InputError(f"recipe {path}: unknown key '{unknown[0]}' (allowed: passes, options)")
+        raise InputError(
+            f"recipe {path}: unknown key '{unknown[0]}' (allowed: passes, options, order)"
+        )
     passes = recipe.get("passes", [])
     options = recipe.get("options", {}) or {}
     if not isinstance(passes, list) or not all(isinstance(p, str) for p in passes):
         raise InputError(f"recipe {path}: 'passes' must be a list of pass names")
     if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
         raise InputError(f"recipe {path}: 'options' must map pass names to option mappings")
-    return passes, {str(k): dict(v) for k, v in options.items()}
+    order = recipe.get("order")
+    if order is not None and order not in _ORDERS:
+        raise InputError(f"recipe {path}: 'order' must be one of {', '.join(_ORDERS)}")
+    return passes, {str(k): dict(v) for k, v in options.items()}, order
 
 
 def _split_names(text: str | None) -> list[str]:
@@ -339,14 +347,35 @@ _ACTIVITIES = {
 """What the progress heartbeat names as running after each event (off a terminal)."""
 
 _TMP_DIR_HELP = (
-    "Folder for temporary files (spilled weights, the staged output); default: the system's "
-    "($TMPDIR). Nothing is ever written beside the input model."
+    "Folder for temporary files (spilled weights, the staged output); default: "
+    f"${ENVIRONMENT['tmp_dir']}, else the system's ($TMPDIR). Nothing is ever written beside "
+    "the input model."
 )
 _tmp_dir_option = click.option(
     "--tmp-dir",
     type=click.Path(path_type=Path, file_okay=False),
     help=_TMP_DIR_HELP,
 )
+_threads_option = click.option(
+    "--threads",
+    type=click.IntRange(min=0),
+    help="ONNX Runtime intra-op threads for calibration, validation and latency sessions; "
+    f"default: ${ENVIRONMENT['threads']}, else 0 (ONNX Runtime's default, one per core).",
+)
+_validation_level_option = click.option(
+    "--validation-ort-level",
+    type=click.Choice(ORT_LEVELS),
+    help="ONNX Runtime graph optimisations in validation sessions (default: disable, the "
+    "graphs as written; all: what a default deployment runs).",
+)
+
+
+def _settings(**flags: Any) -> Settings:
+    """The command's settings: ``GRAPHOPT_*`` read once, then the flags given (not None)."""
+    settings = Settings.from_env()
+    given = {name: value for name, value in flags.items() if value is not None}
+    return dataclasses.replace(settings, **given) if given else settings
+
 
 _WHOLE_TENSOR_HELP = (
     "Gate cosine and SNR on each whole output only. Default: also on the worst channel "
@@ -417,7 +446,15 @@ _WHOLE_TENSOR_HELP = (
 @click.option(
     "--bisect", is_flag=True, help="If validation fails, find the first failing pass and node."
 )
+@click.option(
+    "--keep-order",
+    is_flag=True,
+    help="Run --passes in the order given instead of planning it; exit 2 naming any declared "
+    "ordering relation the order breaks.",
+)
 @_tmp_dir_option
+@_threads_option
+@_validation_level_option
 def optimize_command(
     input_model: Path,
     output_model: Path,
@@ -438,14 +475,18 @@ def optimize_command(
     input_shapes_text: tuple[str, ...],
     per_tensor: bool,
     bisect: bool,
+    keep_order: bool,
     tmp_dir: Path | None,
+    threads: int | None,
+    validation_ort_level: str | None,
 ) -> int:
     """Apply a set of passes to INPUT_MODEL, write OUTPUT_MODEL, validate it against the input.
 
     OUTPUT_MODEL (and OUTPUT_MODEL.data) are replaced if they exist, once the new output is
     complete and validated; on an error or interrupt they are left as they were.
     """
-    recipe_passes, recipe_options = _load_recipe(recipe)
+    recipe_passes, recipe_options, recipe_order = _load_recipe(recipe)
+    order = "given" if keep_order else recipe_order or "planned"
     names = list(dict.fromkeys(recipe_passes + _split_names(passes_text)))
     if not names:
         raise InputError("no passes given: use --passes (see 'graphopt passes') or --recipe")
@@ -454,11 +495,15 @@ def optimize_command(
         options.setdefault(pass_name, {}).update(values)
     provider_names = resolve_providers(_split_names(providers) or ["cpu"])
     _check_writable(report_path)
-    resolve_tmp_dir(tmp_dir)
+    settings = _settings(
+        tmp_dir=tmp_dir, threads=threads, validation_ort_level=validation_ort_level
+    )
+    resolve_tmp_dir(settings.tmp_dir)
 
     def on_event(kind: str, info: dict[str, Any]) -> None:
         if kind == "plan":
-            click.echo("plan: " + " → ".join(info["plan"]))
+            label = "plan (as given)" if order == "given" else "plan"
+            click.echo(f"{label}: " + " → ".join(info["plan"]))
         elif kind == "opset":
             click.echo(f"opset: {info['description']}")
         elif kind == "criteria":
@@ -503,8 +548,9 @@ def optimize_command(
             per_tensor=per_tensor,
             bisect=bisect,
             on_event=on_event,
-            tmp_dir=tmp_dir,
             report_path=report_path,
+            settings=settings,
+            order=order,
         )
     _print_report(report)
     return EXIT_OK if report.passed else EXIT_FAILED
@@ -552,6 +598,11 @@ def _check_writable(*paths: Path | None) -> None:
 )
 @click.option("--latency-runs", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option(
+    "--latency-ort-level",
+    type=click.Choice(ORT_LEVELS),
+    help="ONNX Runtime graph optimisations in latency sessions (default: all).",
+)
+@click.option(
     "--batch-size",
     type=click.IntRange(min=1),
     help="Batch size for .npz data (default 8; a static batch fixes it).",
@@ -572,6 +623,8 @@ def _check_writable(*paths: Path | None) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @_input_shapes_option
 @_tmp_dir_option
+@_threads_option
+@_validation_level_option
 def check_command(
     reference: Path,
     candidate: Path,
@@ -586,6 +639,7 @@ def check_command(
     max_size_ratio: float | None,
     max_latency_ratio: float | None,
     latency_runs: int,
+    latency_ort_level: str | None,
     batch_size: int | None,
     per_tensor: bool,
     json_path: Path | None,
@@ -593,13 +647,21 @@ def check_command(
     seed: int,
     input_shapes_text: tuple[str, ...],
     tmp_dir: Path | None,
+    threads: int | None,
+    validation_ort_level: str | None,
 ) -> int:
     """Gate a CANDIDATE model against its REFERENCE: exit 0 if every criterion holds, else 1."""
     _check_writable(json_path, junit_path)
     for models in (model_roles(reference, "reference"), model_roles(candidate, "candidate")):
         # (a model checked against itself is fine; a report written over one is not)
         check_distinct({**models, "the --json report": json_path, "the --junit report": junit_path})
-    scratch = resolve_tmp_dir(tmp_dir)
+    settings = _settings(
+        tmp_dir=tmp_dir,
+        threads=threads,
+        validation_ort_level=validation_ort_level,
+        latency_ort_level=latency_ort_level,
+    )
+    scratch = resolve_tmp_dir(settings.tmp_dir)
     provider_names = resolve_providers(_split_names(providers) or ["cpu"])
     if exact and (min_cosine is not None or min_snr is not None or whole_tensor):
         raise InputError("--exact cannot be combined with --min-cosine/--min-snr/--whole-tensor")
@@ -645,6 +707,7 @@ def check_command(
         max_latency_ratio=max_latency_ratio,
         latency_runs=latency_runs,
         tmp_dir=scratch,
+        settings=settings,
     )
     _print_validation(report.validation)
     for check in report.model_checks:
@@ -722,6 +785,7 @@ def check_command(
 @click.option("--latency-runs", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @_input_shapes_option
+@_threads_option
 def tune_command(
     input_model: Path,
     data: Path | None,
@@ -738,8 +802,10 @@ def tune_command(
     latency_runs: int,
     seed: int,
     input_shapes_text: tuple[str, ...],
+    threads: int | None,
 ) -> int:
     """Search passes and options for the best model meeting --min-cosine (exit 1: none does)."""
+    settings = _settings(threads=threads)  # a bad GRAPHOPT_* value is exit 2 here
     folder = out_dir if out_dir is not None else Path(f"{input_model.stem}_tune")
 
     def on_event(kind: str, info: dict[str, Any]) -> None:
@@ -791,6 +857,7 @@ def tune_command(
         input_shapes=_input_shapes(input_shapes_text),
         latency_runs=latency_runs,
         on_event=on_event,
+        settings=settings,
     )
     _print_tune(result)
     return EXIT_OK if result.passed else EXIT_FAILED

@@ -16,11 +16,15 @@ Rules:
    ``minmax``, ``percentile``, ``entropy`` (KL divergence, as TensorRT) or ``mse``.
 6. Memory is bounded on large models. Before the first batch, one sample is run to measure the
    bytes a sample's requested outputs take; when a batch's outputs would exceed
-   :data:`OUTPUT_BUDGET_BYTES`, batches are split along axis 0 (statistics do not depend on how
-   samples are grouped, except histogram bin edges). Values are reduced in chunks of
-   :data:`VALUE_CHUNK` so float64 copies stay small. Passes that need XᵀX of many tensors split
-   them into runs with :func:`chunk_by_budget` and :func:`gram_budget`, so the Gram matrices of
-   one run take at most a quarter of the model's weight bytes (at least 256 MiB).
+   :func:`output_budget` (:data:`OUTPUT_BUDGET_BYTES` unless the run's
+   :class:`~graphopt.settings.Settings` set ``calibration_output_bytes``), batches are split along
+   axis 0 (statistics do not depend on how samples are grouped, except histogram bin edges).
+   Values are reduced in chunks of :data:`VALUE_CHUNK` so float64 copies stay small. Passes that
+   need XᵀX of many tensors split them into runs with :func:`chunk_by_budget` and
+   :func:`gram_budget`, so the Gram matrices of one run take at most a quarter of the model's
+   weight bytes (at least 256 MiB), or the settings' ``gram_budget_bytes``.
+7. The collector's session runs the graph as written (ONNX Runtime's rewrites off, whatever the
+   settings' validation level: requested tensors keep their names), with the settings' threads.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from graphopt.data.feeds import Feeds
 from graphopt.errors import DataError
 from graphopt.ir.model import Model, runnable_model
 from graphopt.ir.ort import make_session
+from graphopt.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -243,8 +248,13 @@ def collect(
     *,
     on_batch: Callable[[int], None] | None = None,
     max_batches: int | None = None,
+    settings: Settings | None = None,
 ) -> dict[str, TensorStats]:
-    """Run ``model`` on ``feeds`` and return the requested statistics (module rules)."""
+    """Run ``model`` on ``feeds`` and return the requested statistics (module rules).
+
+    ``settings``: the run's (a pass gives ``context.settings``); None: the defaults.
+    """
+    settings = Settings() if settings is None else settings
     merged = merge_requests(requests)
     names = list(merged)
     stats = {name: TensorStats(name) for name in names}
@@ -252,7 +262,7 @@ def collect(
         return stats
     batches = 0
     with runnable_model(model, extra_outputs=names) as runnable:
-        session = make_session(runnable, optimize=False, arena=False)
+        session = make_session(runnable, optimize=False, arena=False, threads=settings.threads)
         available = {output.name for output in session.get_outputs()}
         missing = [name for name in names if name not in available]
         if missing:
@@ -262,7 +272,7 @@ def collect(
             if max_batches is not None and index >= max_batches:
                 break
             if samples_per_run is None:
-                samples_per_run = _samples_per_run(session, names, feed)
+                samples_per_run = _samples_per_run(session, names, feed, output_budget(settings))
             for part in _split_feed(feed, samples_per_run):
                 values = session.run(names, part)
                 for name, value in zip(names, values, strict=True):
@@ -305,9 +315,9 @@ def _split_feed(
 
 
 def _samples_per_run(
-    session: ort.InferenceSession, names: list[str], feed: Mapping[str, np.ndarray]
+    session: ort.InferenceSession, names: list[str], feed: Mapping[str, np.ndarray], budget: int
 ) -> int:
-    """Rule 6: how many samples one run may take so its outputs stay within the budget."""
+    """Rule 6: how many samples one run may take so its outputs stay within ``budget`` bytes."""
     length = _batch_length(feed)
     if length is None:
         return 1 << 30
@@ -317,7 +327,7 @@ def _samples_per_run(
     except Exception:
         logger.debug("calibration: cannot run a single sample; batches are not split")
         return 1 << 30
-    per_run = max(1, OUTPUT_BUDGET_BYTES // max(sample_bytes, 1))
+    per_run = max(1, budget // max(sample_bytes, 1))
     if per_run < length:
         logger.info(
             "calibration: %d MiB of outputs per sample; running %d samples at a time",
@@ -327,8 +337,18 @@ def _samples_per_run(
     return per_run
 
 
-def gram_budget(model: Model) -> int:
-    """Rule 6: bytes of XᵀX one calibration run may hold for ``model``."""
+def output_budget(settings: Settings | None = None) -> int:
+    """Rule 6: bytes of requested outputs one calibration run may return."""
+    if settings is not None and settings.calibration_output_bytes is not None:
+        return settings.calibration_output_bytes
+    return OUTPUT_BUDGET_BYTES
+
+
+def gram_budget(model: Model, settings: Settings | None = None) -> int:
+    """Rule 6: bytes of XᵀX one calibration run may hold for ``model`` (a pass gives
+    ``context.settings``; None: the built-in rule)."""
+    if settings is not None and settings.gram_budget_bytes is not None:
+        return settings.gram_budget_bytes
     return max(GRAM_BUDGET_MIN_BYTES, int(GRAM_BUDGET_FRACTION * model.weight_bytes()))
 
 

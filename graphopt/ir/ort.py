@@ -13,12 +13,20 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from graphopt.errors import InputError
+from graphopt.errors import InputError, OptionError
+from graphopt.settings import ORT_LEVELS, OrtLevel
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 """Where a model loaded from bytes finds its external data (ONNX Runtime ≥ 1.21; 1.20 ignores
 it, hence the minimum in pyproject.toml)."""
+_ORT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+"""The levels of :data:`graphopt.settings.ORT_LEVELS`, as ONNX Runtime names them."""
 
 
 @dataclass(frozen=True)
@@ -70,13 +78,17 @@ def make_session(
     model: SessionSource,
     provider: str = "cpu",
     *,
-    optimize: bool = True,
+    optimize: bool | OrtLevel = True,
     threads: int = 0,
     spinning: bool = True,
     arena: bool = True,
     quiet: bool = False,
 ) -> ort.InferenceSession:
     """A session on one provider; ``optimize=False`` turns off ORT's graph rewrites.
+
+    ``optimize`` is a bool (``True``: every rewrite, ``False``: none) or one of the levels of
+    :data:`graphopt.settings.ORT_LEVELS` (:class:`graphopt.settings.Settings` carries the levels
+    of validation and latency). ``threads``: intra-op threads (0: ONNX Runtime's default).
 
     ``quiet=True`` keeps ONNX Runtime from printing errors itself (probes that expect some runs
     to fail; pair it with :func:`quiet_run_options` for ``run``).
@@ -87,11 +99,7 @@ def make_session(
     """
     options = ort.SessionOptions()
     options.log_severity_level = 4 if quiet else 3
-    options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if optimize
-        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
+    options.graph_optimization_level = optimization_level(optimize)
     if not arena:  # memory goes back after each run: lower peak for many-output runs
         options.enable_cpu_mem_arena = False
     if not spinning:
@@ -125,6 +133,18 @@ def make_session(
     if keep_alive:  # ONNX Runtime reads these buffers for as long as the session lives
         session._graphopt_buffers = keep_alive  # type: ignore[attr-defined]
     return session
+
+
+def optimization_level(optimize: bool | str) -> ort.GraphOptimizationLevel:
+    """ONNX Runtime's level for :func:`make_session`'s ``optimize`` (a bool or a level name)."""
+    if isinstance(optimize, bool):
+        return _ORT_LEVELS["all" if optimize else "disable"]
+    if optimize not in _ORT_LEVELS:
+        raise OptionError(
+            f"unknown ONNX Runtime optimisation level {optimize!r} "
+            f"(choose from {', '.join(ORT_LEVELS)})"
+        )
+    return _ORT_LEVELS[optimize]
 
 
 def node_placement(

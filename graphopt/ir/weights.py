@@ -186,7 +186,6 @@ NATIVE_NUMPY_TYPES = frozenset(
 )
 
 
-
 def element_type(constant: gs.Constant) -> int:
     """Rule 1: the ONNX element type (``onnx.TensorProto`` enum), without loading."""
     values = constant._values
@@ -204,8 +203,6 @@ def nbytes(constant: gs.Constant) -> int:
     if isinstance(values, LazyValues):
         return int(values.nbytes)
     return int(np.asarray(values).nbytes)
-
-
 
 
 def point_to_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
@@ -257,9 +254,11 @@ class WeightSource:
 
     def __init__(self, values: np.ndarray | LazyValues) -> None:
         self._values = values
-        self.shape = tuple(int(d) for d in np.shape(values)) if not isinstance(
-            values, LazyValues
-        ) else tuple(int(d) for d in values.shape)
+        self.shape = (
+            tuple(int(d) for d in np.shape(values))
+            if not isinstance(values, LazyValues)
+            else tuple(int(d) for d in values.shape)
+        )
 
     def read(self) -> np.ndarray:
         if isinstance(self._values, LazyValues):

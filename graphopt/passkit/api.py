@@ -4,8 +4,11 @@ A pass declares, as class attributes: its CLI ``name``, a one-line ``summary``, 
 ``exact`` (validated at tight tolerance) or lossy (validated against the user's budget), whether
 it ``reads_weights`` (then normalization materialises every MatMul/Gemm/Conv weight), the default
 validation ``budget`` of a lossy pass, its
-``options_schema`` (see :mod:`graphopt.passkit.options`) and ordering constraints (``run_before`` /
-``run_after``, names of other passes; constraints on passes that were not requested are ignored).
+``options_schema`` and the ``search_space`` ``graphopt tune`` tries (see
+:mod:`graphopt.passkit.options`) and its ordering: hard relations
+(``run_before`` / ``run_after``, names of other passes; relations to passes that were not
+requested are ignored) and an ``order_rank`` for passes it has no relation with (see
+:mod:`graphopt.passkit.ordering`).
 
 It implements one method, :meth:`Pass.call`, returning a :class:`PassResult`. The base class runs
 the optional :meth:`Pass.requires` and :meth:`Pass.ensures` hooks around it and turns anything a
@@ -26,7 +29,9 @@ import onnx_graphsurgeon as gs
 from graphopt.errors import GraphoptError, InputError, PassError
 from graphopt.ir.files import ENVIRONMENT_ERRNOS, storage_error
 from graphopt.ir.model import Model, iter_graphs
-from graphopt.passkit.options import Option, resolve_options
+from graphopt.passkit.options import Option, SearchSpace, resolve_options
+from graphopt.passkit.ordering import OrderRank
+from graphopt.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +96,10 @@ class PassContext:
     of data batches) during long steps (for the CLI's progress display)."""
     providers: tuple[str, ...] = ("cpu",)
     """Execution providers the result will be validated (and presumably deployed) on."""
+    settings: Settings = field(default_factory=Settings)
+    """How the run uses the machine (:class:`~graphopt.settings.Settings`); a pass hands it on
+    to :func:`~graphopt.data.calibration.collect` and
+    :func:`~graphopt.data.calibration.gram_budget`."""
 
     def report_progress(self, label: str, index: int, total: int | None = None) -> None:
         if self.progress is not None:
@@ -109,8 +118,18 @@ class Pass(abc.ABC):
     reads_weights: ClassVar[bool] = True
     budget: ClassVar[Budget] = Budget()
     options_schema: ClassVar[tuple[Option, ...]] = ()
+    search_space: ClassVar[SearchSpace] = SearchSpace()
+    """What ``graphopt tune`` tries for this pass (:class:`~graphopt.passkit.options.SearchSpace`):
+    by default one point, the option defaults."""
     run_before: ClassVar[frozenset[str]] = frozenset()
+    """Passes this one must run before when both are planned (a hard relation, checked; see
+    :mod:`graphopt.passkit.ordering`). Declare a relation on either side, or both."""
     run_after: ClassVar[frozenset[str]] = frozenset()
+    """Passes this one must run after when both are planned (the converse of ``run_before``)."""
+    order_rank: ClassVar[OrderRank | None] = None
+    """Where this pass runs among passes it has no relation with (lower first; a preference
+    that relations and a given order override). None: ``EXACT`` for an exact pass, ``VALUES``
+    for a lossy one."""
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options: dict[str, Any] = resolve_options(

@@ -2,9 +2,17 @@
 
 Rules:
 
-1. ``--passes quant,lowrank`` is a set. Each pass's ``run_before``/``run_after`` constraints that
-   name another requested pass become edges; the order is a topological sort that breaks ties by
-   pass name, so the same set always gives the same plan. A cycle is a :class:`PlanError`.
+1. ``--passes quant,lowrank`` is a set (:mod:`graphopt.passkit.ordering` has this rule in full).
+   Each pass's ``run_before``/``run_after`` names that name another requested pass are hard
+   relations, from either side; contradictory ones are a :class:`PlanError` naming the cycle.
+   Passes with no relation between them run by ``order_rank``, then by name, so the same set
+   always gives the same plan: exact passes first; of two lossy weight-editing passes, the one
+   that changes a weight's structure (``lowrank``) before the one that edits its values in
+   place (``sparsify``), so the structural one owns a weight both want; then ``quant``;
+   ``fp16`` last.
+   ``order="given"`` runs the passes in the order given instead, after checking it against
+   every declared relation (a broken one is a :class:`PlanError` naming it); it is never
+   re-sorted.
 2. Between passes the manager removes dead nodes and sorts the graph topologically (both exact),
    then checks invariants: the graph passes ``onnx.checker`` and is in topological order.
 3. A failing pass or a broken invariant raises :class:`PassError` naming the pass and the passes
@@ -14,7 +22,6 @@ Rules:
 
 from __future__ import annotations
 
-import heapq
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -23,9 +30,10 @@ from typing import Any
 
 import onnx
 
-from graphopt.errors import InputError, PassError, PlanError
+from graphopt.errors import InputError, PassError
 from graphopt.ir.model import Model, skeleton_proto
 from graphopt.passkit.api import Pass, PassContext
+from graphopt.passkit.ordering import OrderMode, plan
 
 logger = logging.getLogger(__name__)
 
@@ -49,37 +57,10 @@ class RunReport:
         return all(record.exact for record in self.records)
 
 
-def plan_order(passes: Sequence[Pass]) -> list[Pass]:
-    """Rule 1: one valid order of ``passes`` from their declared constraints."""
-    by_name: dict[str, Pass] = {}
-    for item in passes:
-        if item.name in by_name:
-            raise PlanError(f"pass '{item.name}' is requested twice")
-        by_name[item.name] = item
-    successors: dict[str, set[str]] = {name: set() for name in by_name}
-    for item in passes:
-        for later in item.run_before & by_name.keys():
-            successors[item.name].add(later)
-        for earlier in item.run_after & by_name.keys():
-            successors[earlier].add(item.name)
-    indegree = {name: 0 for name in by_name}
-    for targets in successors.values():
-        for target in targets:
-            indegree[target] += 1
-    ready = [name for name, degree in indegree.items() if degree == 0]
-    heapq.heapify(ready)
-    order: list[str] = []
-    while ready:
-        name = heapq.heappop(ready)
-        order.append(name)
-        for target in sorted(successors[name]):
-            indegree[target] -= 1
-            if indegree[target] == 0:
-                heapq.heappush(ready, target)
-    if len(order) != len(by_name):
-        stuck = sorted(name for name in by_name if name not in order)
-        raise PlanError(f"passes {', '.join(stuck)} have contradictory ordering constraints")
-    return [by_name[name] for name in order]
+def plan_order(passes: Sequence[Pass], order: OrderMode = "planned") -> list[Pass]:
+    """Rule 1: ``passes`` in the order they run; ``order`` is "planned" (sorted from the
+    declared relations and ranks) or "given" (as given, checked against the relations)."""
+    return plan(passes, order)
 
 
 def check_invariants(model: Model) -> None:
@@ -92,16 +73,18 @@ def check_invariants(model: Model) -> None:
 
 
 class PassManager:
-    """Runs planned passes over a model. ``on_event`` receives progress messages for the CLI."""
+    """Runs planned passes over a model. ``order``: "planned" (default) or "given" (rule 1).
+    ``on_event`` receives progress messages for the CLI."""
 
     def __init__(
         self,
         passes: Sequence[Pass],
         *,
+        order: OrderMode = "planned",
         check: bool = True,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
-        self.passes = plan_order(passes)
+        self.passes = plan_order(passes, order)
         self.check = check
         self.on_event = on_event or (lambda _kind, _info: None)
 

@@ -6,22 +6,49 @@ type or outside the declared range fails with a one-line :class:`~graphopt.error
 that names the option. A float option is never NaN, and is infinite only where its declared range
 reaches that infinity (``maximum=math.inf`` allows ``inf``, ``minimum=-math.inf`` allows
 ``-inf``). :class:`FiniteFloat` applies the same rule to the CLI's own float flags.
+
+Next to its options a pass declares what ``graphopt tune`` may search, as a :class:`SearchSpace`
+(the pass's ``search_space`` class attribute); tune reads only that and knows no pass by name,
+so a plugin is searched like a built-in pass. Rules:
+
+1. A search space is an ordered tuple of :class:`SearchPoint`, most useful first: each point is
+   one setting tune tries, the option values it sets (every other option at its default), plus
+   the space's ``common`` values (a point's own value wins). :func:`sweep` makes one point per
+   value of one option.
+2. A point's ``objectives`` (a subset of :data:`OBJECTIVES`) say what the setting is expected
+   to improve on its own; tune tries the points that cannot help its objective after all the
+   others (an empty tuple: it helps neither, e.g. unstructured zeros that neither shrink the
+   file nor speed ONNX Runtime up).
+3. A value may be a :class:`BarCosine`: a cosine that follows tune's accuracy bar.
+4. ``slow_on`` names execution providers on which the pass's output is often no faster than
+   the original; for objective latency measured there, tune picks a candidate including the
+   pass only when it is clearly faster than the best candidate without such passes.
+5. :meth:`SearchSpace.check` holds a declaration to its schema: every searched name must be a
+   declared option and every value one the option accepts (a :class:`BarCosine` only on a
+   float option), or it raises :class:`~graphopt.errors.InputError` naming the pass and the
+   option, so renaming an option can never silently drop it from the search.
+6. A pass that declares nothing is tried once, at its defaults, for both objectives; an exact
+   pass is in every candidate at its (fixed) options and its search space is not read.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import click
 
-from graphopt.errors import OptionError
+from graphopt.errors import InputError, OptionError
 
 _TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 _FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 _KINDS: tuple[type, ...] = (bool, int, float, str, list)
+
+OBJECTIVES: tuple[str, ...] = ("size", "latency")
+"""What ``graphopt tune`` can optimise: the model file's size, or its latency."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +183,97 @@ def parse_option_assignments(assignments: Sequence[str]) -> dict[str, dict[str, 
             )
         parsed.setdefault(pass_name.strip(), {})[option_name.strip()] = value.strip()
     return parsed
+
+
+@dataclass(frozen=True)
+class BarCosine:
+    """A cosine that follows tune's accuracy bar (rule 3).
+
+    ``slack`` is the fraction of the bar's slack (1 − bar) the value leaves: 1 gives the bar
+    itself, exactly; any other fraction gives 1 − slack × (1 − bar) rounded to 6 decimals (0.5:
+    halfway from the bar to 1).
+    """
+
+    slack: float = 1.0
+
+    def at(self, bar: float) -> float:
+        """The value for a search whose bar is ``bar``."""
+        if self.slack == 1.0:
+            return bar
+        return round(1.0 - (1.0 - bar) * self.slack, 6)
+
+
+@dataclass(frozen=True)
+class SearchPoint:
+    """One setting tune tries: option values (others at their defaults) and what it improves."""
+
+    values: Mapping[str, Any] = field(default_factory=dict)
+    objectives: tuple[str, ...] = OBJECTIVES
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.objectives if name not in OBJECTIVES]
+        if unknown:
+            raise ValueError(f"unknown objective {unknown[0]!r} (objectives: {OBJECTIVES})")
+        object.__setattr__(self, "values", MappingProxyType(dict(self.values)))
+
+
+def sweep(
+    option: str, values: Sequence[Any], objectives: tuple[str, ...] = OBJECTIVES
+) -> tuple[SearchPoint, ...]:
+    """One :class:`SearchPoint` per value of ``option``, in the given order."""
+    return tuple(SearchPoint({option: value}, objectives) for value in values)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What tune may search for one pass (module rules 1 to 6)."""
+
+    points: tuple[SearchPoint, ...] = (SearchPoint(),)
+    common: Mapping[str, Any] = field(default_factory=dict)
+    slow_on: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if not self.points or not all(isinstance(p, SearchPoint) for p in self.points):
+            raise TypeError("a search space needs a non-empty tuple of SearchPoint")
+        object.__setattr__(self, "common", MappingProxyType(dict(self.common)))
+
+    def check(self, owner: str, schema: Sequence[Option]) -> None:
+        """Rule 5: raise InputError unless every searched name and value fits ``schema``."""
+        by_name = {option.name: option for option in schema}
+        for values in (self.common, *(point.values for point in self.points)):
+            for name, value in values.items():
+                option = by_name.get(name)
+                if option is None:
+                    known = ", ".join(sorted(by_name)) or "none"
+                    raise InputError(
+                        f"pass '{owner}' searches option '{name}', which it does not declare "
+                        f"(options: {known})"
+                    )
+                if isinstance(value, BarCosine):
+                    if option.kind is not float:
+                        raise InputError(
+                            f"pass '{owner}' searches {name} at the bar, but {name} is not a "
+                            "float option"
+                        )
+                    continue
+                try:
+                    option.coerce(value, owner)
+                except OptionError as error:
+                    message = f"pass '{owner}' searches a value it refuses: {error}"
+                    raise InputError(message) from None
+
+    def resolve(self, bar: float) -> list[tuple[dict[str, Any], frozenset[str]]]:
+        """Each point's option values (common ones included, :class:`BarCosine` resolved at
+        ``bar``) and objectives, in declared order."""
+        resolved = []
+        for point in self.points:
+            values = {**self.common, **point.values}
+            concrete = {
+                name: value.at(bar) if isinstance(value, BarCosine) else value
+                for name, value in values.items()
+            }
+            resolved.append((concrete, frozenset(point.objectives)))
+        return resolved
 
 
 class FiniteFloat(click.FloatRange):

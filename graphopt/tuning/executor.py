@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from graphopt.errors import GraphoptError
+from graphopt.settings import Settings
 from graphopt.tuning.cache import Evaluation, external_data_files, model_content_hash
 
 if TYPE_CHECKING:
@@ -77,6 +78,8 @@ class EvaluationTask:
     keep_above: float | None = None
     """Keep the candidate model file when its min cosine is at least this (None: always)."""
     validate: bool = True
+    settings: Settings | None = None
+    """How the build and validation use the machine (None: ``GRAPHOPT_*`` in the worker)."""
 
 
 def evaluate_task(task: EvaluationTask) -> Evaluation:
@@ -101,6 +104,7 @@ def evaluate_task(task: EvaluationTask) -> Evaluation:
             criteria=Criteria(min_cosine=0.0, min_snr_db=-float("inf")),
             batch_size=task.batch_size,
             seed=task.seed,
+            settings=task.settings,
         )
     except GraphoptError as error:
         evaluation.status, evaluation.error = "error", _first_line(error)

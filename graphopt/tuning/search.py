@@ -12,15 +12,16 @@ Rules:
    does not load or run). Every other use of "cosine" below (closeness, predicted error,
    fronts) means this statistic. The statistic's definition (:data:`GATED_STATISTIC`) is part
    of every cache key, so results cached under another definition are never reused.
-2. Search space: exact passes among the requested ones (``cleanup``) are part of every
-   candidate; each lossy pass has a few settings (:func:`pass_settings`: quant target cosine
-   (how many harmful nodes are excluded back to float), fallback, calibrators, mode, backend;
-   lowrank ratio and energy; sparsify sparsity, pattern and method; fp16 on/off; a plugin at its
-   defaults). ``options`` (``-o``) fix values for every candidate and override the settings;
-   options equal to a pass's default are dropped, and settings that become identical merge.
+2. Search space: the exact passes among the requested ones are part of every candidate; each
+   lossy pass is tried at the settings it declares next to its options (its ``search_space``, a
+   :class:`graphopt.passkit.options.SearchSpace`, checked against its option schema; a pass
+   declaring none is tried once at its defaults). This module names no pass and no option: a
+   plugin is searched like a built-in pass. ``options`` (``-o``) fix values for every
+   candidate and override the settings; options equal to a pass's default are dropped, and
+   settings that become identical merge.
 3. Stage 1, sensitivity: each lossy pass alone at each setting, round-robin over the passes so a
-   small budget still sees every pass, settings not expected to improve the objective on their
-   own (unstructured and N:M sparsity neither shrink the file nor speed up ONNX Runtime) last.
+   small budget still sees every pass, settings not declared to improve the objective on their
+   own (a :class:`~graphopt.passkit.options.SearchPoint`'s ``objectives``) last.
    When the budget is given, the first round spends at most half of it (but at least one trial
    per pass) on stage 1; later rounds continue stage 1 only when stage 2 has run dry.
 4. Stage 2, combinations of one setting per pass over at least two passes, built from settings
@@ -47,12 +48,13 @@ Rules:
    the other objective, then to fewer lossy passes, then to the canonical text. The chosen
    model must improve the objective over the original (smaller, or latency ratio below 1);
    otherwise nothing is chosen.
-   fp16 on the CPU: with objective ``latency`` measured on the CPU provider (as
-   :data:`LATENCY_PROVIDER` is), a candidate that includes ``fp16`` is eligible only when its
-   latency ratio beats the best candidate meeting the bar without fp16 (or the original, 1.0,
-   when that is faster) by more than ``LATENCY_TIE``: ONNX Runtime's CPU provider runs most fp16
-   ops through casts, so fp16 must earn its place on measured speed and never wins a latency
-   tie on size. Each fp16 candidate left out is logged with its ratio and the one it had to beat.
+   Passes slow on the latency provider: with objective ``latency``, a candidate that includes a
+   pass declaring the provider latency is measured on (:data:`LATENCY_PROVIDER`) in its search
+   space's ``slow_on`` (ONNX Runtime's CPU provider runs most float16 ops through casts) is
+   eligible only when its latency ratio beats the best candidate meeting the bar without such
+   passes (or the original, 1.0, when that is faster) by more than ``LATENCY_TIE``: such a pass
+   must earn its place on measured speed and never wins a latency tie on size. Each candidate
+   left out is logged with its ratio and the one it had to beat.
 9. Outputs in the folder: ``best.onnx`` (only when something was chosen; a stale one is
    removed otherwise), ``recipe.json`` (``graphopt optimize --recipe`` reproduces best.onnx
    byte for byte with the same calibration data and seed), ``front.md``, ``front.json``,
@@ -91,8 +93,10 @@ from graphopt.errors import InputError
 from graphopt.ir.model import load_model, model_file_bytes
 from graphopt.ir.normalize import infer_types
 from graphopt.passkit.api import Pass
-from graphopt.passkit.options import resolve_options
+from graphopt.passkit.options import OBJECTIVES, resolve_options
+from graphopt.passkit.options import SearchSpace as PassSearchSpace
 from graphopt.passkit.registry import BUILTIN_PASSES, load_pass_class
+from graphopt.settings import Settings
 from graphopt.tuning.cache import (
     Evaluation,
     LatencyRecord,
@@ -118,7 +122,6 @@ from graphopt.tuning.report import canonical_json_pretty, short_value, write_rep
 
 logger = logging.getLogger(__name__)
 
-OBJECTIVES: tuple[str, ...] = ("size", "latency")
 EventHook = Callable[[str, dict[str, Any]], None]
 
 DEFAULT_BUDGET = 24
@@ -130,7 +133,7 @@ LATENCY_GAIN = 0.98
 """A setting speeds the model up when its latency ratio is below this."""
 LATENCY_TIE = 0.02
 LATENCY_PROVIDER = "cpu"
-"""Where latency is measured (rule 6); rule 8's fp16 rule applies on the CPU provider."""
+"""Where latency is measured (rule 6); rule 8 holds passes declared slow there to a margin."""
 GATED_STATISTIC = "min over outputs of min(whole-tensor cosine, worst-channel cosine)"
 """Rule 1, as recorded in front.json and in every cache key."""
 
@@ -183,39 +186,30 @@ def _describe_options(pass_name: str, options: Mapping[str, Any]) -> str:
     return f"{pass_name}({inner})"
 
 
-def pass_settings(pass_name: str, min_cosine: float) -> list[Setting]:
-    """The stage-1 settings of one lossy pass (rule 2), most useful first."""
-    if pass_name == "quant":
-        target = {"target_cosine": min_cosine}
-        tight = {"target_cosine": round(1.0 - (1.0 - min_cosine) / 2.0, 6)}
-        raw = [
-            target,
-            tight,
-            {**target, "fallback": "dynamic"},
-            {**target, "smooth_outliers": True},
-            {**target, "calibrator": "entropy"},
-            {**target, "calibrator": "mse"},
-            {**target, "mode": "dynamic"},
-            {**target, "calibrator": "minmax"},
-            {**target, "backend": "tensorrt"},
-        ]
-        return [Setting("quant", options) for options in raw]
-    if pass_name == "lowrank":
-        raw = [{"ratio": 0.9}, {"ratio": 0.75}, {"ratio": 0.5}, {"energy": 0.99}]
-        return [Setting("lowrank", options) for options in raw]
-    if pass_name == "sparsify":
-        quiet = {"report_gzip": False}
-        no_gain: frozenset[str] = frozenset()
-        return [
-            Setting("sparsify", {**quiet, "sparsity": 0.3}, no_gain),
-            Setting("sparsify", {**quiet, "pattern": "channel", "sparsity": 0.25}),
-            Setting("sparsify", {**quiet, "sparsity": 0.5}, no_gain),
-            Setting("sparsify", {**quiet, "pattern": "n:m"}, no_gain),
-            Setting("sparsify", {**quiet, "sparsity": 0.3, "method": "wanda"}, no_gain),
-        ]
-    if pass_name == "fp16":
-        return [Setting("fp16", {}, frozenset({"size"}))]
-    return [Setting(pass_name, {})]
+def declared_search(pass_class: type[Pass]) -> PassSearchSpace:
+    """The search space a pass declares (rule 2), checked against its option schema.
+
+    Raises InputError when the declaration is not a SearchSpace, or searches an option the pass
+    does not declare or a value the option refuses (so a renamed option is never dropped).
+    """
+    declared = getattr(pass_class, "search_space", None)
+    if declared is None:
+        return PassSearchSpace()
+    if not isinstance(declared, PassSearchSpace):
+        raise InputError(
+            f"pass '{pass_class.name}': search_space is a {type(declared).__name__}, "
+            "not a graphopt SearchSpace"
+        )
+    declared.check(pass_class.name, pass_class.options_schema)
+    return declared
+
+
+def pass_settings(pass_class: type[Pass], min_cosine: float) -> list[Setting]:
+    """The stage-1 settings of one lossy pass (rule 2), in its declared order."""
+    return [
+        Setting(pass_class.name, options, objectives)
+        for options, objectives in declared_search(pass_class).resolve(min_cosine)
+    ]
 
 
 def _normalized(pass_class: type[Pass], given: Mapping[str, Any]) -> dict[str, Any]:
@@ -263,7 +257,7 @@ def build_search_space(
             base[name] = _normalized(pass_class, fixed_options)
             continue
         unique: dict[str, Setting] = {}
-        for setting in pass_settings(name, min_cosine):
+        for setting in pass_settings(pass_class, min_cosine):
             merged = {**setting.options, **fixed_options}
             try:
                 options = _normalized(pass_class, merged)
@@ -404,8 +398,8 @@ def choose(
 ) -> Trial | None:
     """Rule 8."""
     feasible = [t for t in trials if t.meets(min_cosine)]
-    if objective == "latency" and latency_provider == "cpu":
-        feasible = _without_slow_fp16(feasible)
+    if objective == "latency":
+        feasible = _without_slow_passes(feasible, latency_provider)
     if objective == "size":
         better = [t for t in feasible if t.evaluation and t.evaluation.size_bytes < original_bytes]
         if not better:
@@ -433,25 +427,40 @@ def choose(
     )
 
 
-def _without_slow_fp16(feasible: Sequence[Trial]) -> list[Trial]:
-    """Rule 8, fp16 on the CPU: drop fp16 candidates not clearly faster than the best without."""
+def _slow_passes(trials: Sequence[Trial], provider: str) -> list[str]:
+    """The lossy passes of ``trials`` whose search space declares them slow on ``provider``."""
+    names = sorted({name for trial in trials for name in trial.candidate.lossy})
+    return [name for name in names if provider in declared_search(load_pass_class(name)).slow_on]
+
+
+def _without_slow_passes(feasible: Sequence[Trial], provider: str) -> list[Trial]:
+    """Rule 8: drop candidates with a pass slow on ``provider`` that are not clearly faster
+    than the best candidate without such passes."""
+    slow = _slow_passes(feasible, provider)
+    if not slow:
+        return list(feasible)
     plain = [
         t.latency_ratio
         for t in feasible
-        if "fp16" not in t.candidate.passes and t.latency_ratio is not None
+        if not set(slow) & set(t.candidate.lossy) and t.latency_ratio is not None
     ]
     to_beat = min([1.0, *plain])
     kept = []
     for trial in feasible:
         ratio = trial.latency_ratio
-        if "fp16" in trial.candidate.passes and ratio is not None:
+        included = [name for name in slow if name in trial.candidate.lossy]
+        if included and ratio is not None:
             if ratio * (1.0 + LATENCY_TIE) >= to_beat:
+                names = " + ".join(included)
                 logger.info(
-                    "not choosing %s: fp16 on the CPU provider is not measured faster "
-                    "(latency %.3f× vs %.3f× without fp16, tie margin %g)",
+                    "not choosing %s: %s on the %s provider is not measured faster "
+                    "(latency %.3f× vs %.3f× without %s, tie margin %g)",
                     trial.candidate.describe(),
+                    names,
+                    provider.upper(),
                     ratio,
                     to_beat,
+                    names,
                     LATENCY_TIE,
                 )
                 continue
@@ -616,6 +625,7 @@ def tune(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     latency_runs: int = 20,
     on_event: EventHook | None = None,
+    settings: Settings | None = None,
 ) -> TuneResult:
     """Search, evaluate, choose and write the outputs (module rules). Raises InputError on bad
     input; returns a result whose ``chosen`` is None when nothing meets the bar.
@@ -629,7 +639,12 @@ def tune(
     :func:`graphopt.tuning.executor.default_workers`; 0 evaluates in this process).
     ``executor`` overrides it (e.g. a distributed engine). Worker processes are spawned, so a
     script calling this needs the usual ``if __name__ == "__main__":`` guard.
+
+    ``settings`` (:class:`~graphopt.settings.Settings`; None reads ``GRAPHOPT_*``) reach every
+    candidate's build and validation and the latency measurements; the fields that change a
+    result (the ONNX Runtime levels) are part of the cache keys.
     """
+    settings = Settings.from_env() if settings is None else settings
     started = time.perf_counter()
     emit = on_event or (lambda _kind, _info: None)
     _check_arguments(objective, min_cosine, budget, time_limit, workers, latency_runs)
@@ -651,6 +666,7 @@ def tune(
         "seed": seed,
         "graphopt": __version__,
         "gated_statistic": GATED_STATISTIC,
+        "validation_ort_level": settings.validation_ort_level,
     }
     cache = TuneCache(inputs.folder)
     owned = executor is None
@@ -684,6 +700,7 @@ def tune(
         batch_size=batch_size,
         original_bytes=inputs.original_bytes,
         emit=emit,
+        settings=settings,
     )
     latency = _Latency(
         source=inputs.source,
@@ -695,6 +712,8 @@ def tune(
             "batch_size": batch_size,
             "runs": latency_runs,
             "machine": machine_fingerprint(),
+            "latency_ort_level": settings.latency_ort_level,
+            "threads": settings.threads,
         },
         runs=latency_runs,
         search=search,
@@ -902,6 +921,7 @@ class _Search:
     batch_size: int | None
     original_bytes: int
     emit: EventHook
+    settings: Settings = field(default_factory=Settings)
     trials: list[Trial] = field(default_factory=list)
     evaluated: int = 0
     cached_count: int = 0
@@ -936,6 +956,7 @@ class _Search:
             batch_size=self.batch_size,
             keep_above=keep_above,
             validate=validate,
+            settings=self.settings,
         )
 
     def keep_above(self) -> float:
@@ -1131,7 +1152,12 @@ class _Latency:
                     logger.warning("no latency for %s: %s", trial.candidate.describe(), error)
                     continue
                 measured = measure_latency(
-                    self.source, path, self.feed, provider=LATENCY_PROVIDER, runs=self.runs
+                    self.source,
+                    path,
+                    self.feed,
+                    provider=LATENCY_PROVIDER,
+                    runs=self.runs,
+                    settings=self.search.settings,
                 )
                 record = LatencyRecord(
                     ratio=measured.ratio,

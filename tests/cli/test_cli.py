@@ -437,3 +437,26 @@ def test_interrupt_while_the_cli_is_imported_is_one_line(
     assert entry.main() == code
     assert capsys.readouterr().err == f"graphopt: interrupted during start-up ({signal_name})\n"
     assert signal.getsignal(signum) is before
+
+
+def test_keep_order_runs_passes_as_given_or_names_the_broken_relation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 17.4: a given order is checked against the declared relations, not re-sorted."""
+    out = tmp_path / "o.onnx"
+    base = ["optimize", str(DIGITS_MODEL), str(out), "--calib-data", str(DIGITS_DATA)]
+    code, stdout, _ = run_cli([*base, "--passes", "cleanup,fp16", "--keep-order"], capsys)
+    assert code == 0 and "plan (as given): cleanup → fp16" in stdout
+    code, _, err = run_cli([*base, "--passes", "fp16,cleanup", "--keep-order"], capsys)
+    assert code == 2 and "cleanup" in err and "fp16" in err and "before" in err, err
+    code, stdout, _ = run_cli([*base, "--passes", "fp16,cleanup"], capsys)
+    assert code == 0 and "plan: cleanup → fp16" in stdout  # planned: sorted as declared
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes: [fp16, cleanup]\norder: given\n")
+    code, _, err = run_cli(
+        [*base[:3], "--calib-data", str(DIGITS_DATA), "--recipe", str(recipe)], capsys
+    )
+    assert code == 2 and "before" in err
+    recipe.write_text("passes: [cleanup]\norder: sideways\n")
+    code, _, err = run_cli([*base, "--recipe", str(recipe)], capsys)
+    assert code == 2 and "'order' must be one of planned, given" in err
