@@ -30,7 +30,13 @@ from graphopt.passkit.api import Budget, Pass, PassContext, PassResult, WeightCl
 from graphopt.passkit.options import Option, SearchPoint, SearchSpace, sweep
 from graphopt.passkit.ordering import OrderRank
 from graphopt.passkit.qdq import Namer
-from graphopt.passkit.selection import body_labels, count_reasons, matches_any, node_label
+from graphopt.passkit.selection import (
+    body_labels,
+    count_reasons,
+    matches_any,
+    node_label,
+    weighted_op,
+)
 from graphopt.passkit.svd import (
     Spectrum,
     break_even_rank,
@@ -320,8 +326,8 @@ class LowRankPass(Pass):
                 label = node_label(node)
                 if body is not None:
                     bodies[label] = body
-                transposed_input = node.op == "Gemm" and bool(int(node.attrs.get("transA", 0)))
-                axis = 0 if transposed_input else -1
+                layout = weighted_op(node)  # None without a weight input: skipped below
+                axis = layout.activation_axis if layout is not None else -1
                 reason = self._skip_reason(node, context)
                 if (
                     reason is None
@@ -337,8 +343,8 @@ class LowRankPass(Pass):
                     continue
                 if body is None:
                     activation_axes[node.inputs[0].name] = axis
-                transposed = node.op == "Gemm" and bool(int(node.attrs.get("transB", 0)))
-                alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
+                assert layout is not None  # _skip_reason refuses nodes without a weight
+                transposed, alpha = layout.weight_transposed, layout.alpha
                 weight = node.inputs[1]
                 key = (id(weight), transposed, alpha)
                 group = groups.setdefault(key, WeightGroup(weight, transposed, alpha, label))

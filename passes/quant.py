@@ -39,7 +39,13 @@ from graphopt.passkit.qdq import (
     quantize_bias,
     quantize_weight,
 )
-from graphopt.passkit.selection import count_reasons, count_values, matches_any
+from graphopt.passkit.selection import (
+    WeightedOp,
+    count_reasons,
+    count_values,
+    matches_any,
+    weighted_op,
+)
 from graphopt.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -127,15 +133,17 @@ class QuantReport:
     unquantizable: dict[str, str] = field(default_factory=dict)
 
 
-def _weight_axis(node: gs.Node, weight: gs.Constant, per_channel: bool) -> int | None:
-    """The output-channel axis of a weight (GUIDE §3): Conv 0, MatMul 1, Gemm 1 or 0 with transB."""
-    if not per_channel:
-        return None
-    if node.op == "Conv":
-        return 0
-    if node.op == "Gemm":
-        return 0 if int(node.attrs.get("transB", 0)) else 1
-    return len(weight.shape) - 1
+def _weighted(node: gs.Node) -> WeightedOp:
+    """The layout of a quant candidate (always a MatMul, Gemm or Conv with a weight input)."""
+    op = weighted_op(node)
+    assert op is not None, node.op
+    return op
+
+
+def _weight_axis(node: gs.Node, per_channel: bool) -> int | None:
+    """The weight's output-channel axis when quantizing per channel (:class:`WeightedOp`)."""
+    op = weighted_op(node)
+    return op.out_axis if per_channel and op is not None else None
 
 
 class QuantPass(Pass):
@@ -590,7 +598,7 @@ class QuantPass(Pass):
                     node=node,
                     placement=placement,
                     weight=weight,
-                    weight_axis=_weight_axis(node, weight, per_channel),
+                    weight_axis=_weight_axis(node, per_channel),
                     activation=node.inputs[0],
                     body=body,
                 )
@@ -912,7 +920,7 @@ class QuantPass(Pass):
             and c.body is None
             and c.scheme in ("static", "dynamic")
             and isinstance(c.weight, gs.Constant)
-            and not (c.node.op == "Gemm" and int(c.node.attrs.get("transB", 0)))
+            and not _weighted(c.node).weight_transposed
         ]
         requests = [
             StatRequest(c.activation.name, minmax=False, channel_absmax=True) for c in eligible
@@ -1292,9 +1300,7 @@ def _macs_per_sample(
     activation = stats.get(candidate.activation.name)
     if activation is None or weight.shape is None:
         return None
-    columns = weight.shape[-1]
-    if node.op == "Gemm" and int(node.attrs.get("transB", 0)):
-        columns = weight.shape[0]
+    columns = weight.shape[_weighted(node).out_axis]
     if not isinstance(columns, int):
         return None
     return activation.count / samples * columns

@@ -37,7 +37,14 @@ from graphopt.passkit.api import Budget, Pass, PassContext, PassResult
 from graphopt.passkit.options import Option, SearchPoint, SearchSpace
 from graphopt.passkit.ordering import OrderRank
 from graphopt.passkit.qdq import Namer
-from graphopt.passkit.selection import body_labels, count_values, matches_any, node_label
+from graphopt.passkit.selection import (
+    WeightedOp,
+    body_labels,
+    count_values,
+    matches_any,
+    node_label,
+    weighted_op,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -130,9 +137,14 @@ def kernel_positions(shape: tuple[int, ...]) -> int:
 
 
 def _layout(node: gs.Node) -> Layout:
-    if node.op == "Gemm":
-        return Layout("Gemm", transposed=bool(int(node.attrs.get("transB", 0))))
-    return Layout(node.op)
+    return Layout(node.op, transposed=_weighted(node).weight_transposed)
+
+
+def _weighted(node: gs.Node) -> WeightedOp:
+    """The layout of a MatMul, Gemm or Conv with a weight input (every node this pass reads)."""
+    op = weighted_op(node)
+    assert op is not None, node.op
+    return op
 
 
 # --- masks --------------------------------------------------------------------------------------
@@ -390,15 +402,10 @@ def _is_standard(node: gs.Node) -> bool:
     return (node.domain or "") in STANDARD_DOMAINS
 
 
-def _constant_input(node: gs.Node, index: int) -> gs.Constant | None:
-    if index < len(node.inputs) and isinstance(node.inputs[index], gs.Constant):
-        return node.inputs[index]
-    return None
-
-
 def _weight_problem(node: gs.Node) -> tuple[str, str] | None:
     """Why ``node`` is not a candidate (key, detail), or None."""
-    weight = _constant_input(node, 1)
+    layout = weighted_op(node)
+    weight = layout.weight if layout is not None else None
     if weight is None:
         return "weight-not-constant", "its weight input is not a constant"
     if node.op == "Gemm" and int(node.attrs.get("transA", 0)):
@@ -411,10 +418,6 @@ def _weight_problem(node: gs.Node) -> tuple[str, str] | None:
     if np.dtype(weight.dtype).name not in FLOAT_KINDS:
         return "weight-not-float", f"weight dtype {np.dtype(weight.dtype).name}"
     return None
-
-
-def _activation_axis(node: gs.Node) -> int:
-    return 1 if node.op == "Conv" else -1
 
 
 def _claim(context: PassContext, constants: Sequence[gs.Constant]) -> str | None:
@@ -831,7 +834,9 @@ class SparsifyPass(Pass):
                 job = WeightJob(weight, readers, layouts.pop(), target)
                 job.data_free = data_aware and any(site.body is not None for site in sites)
                 if not job.data_free:
-                    job.stats_inputs = [(n.inputs[0], _activation_axis(n)) for n in readers]
+                    job.stats_inputs = [
+                        (n.inputs[0], _weighted(n).activation_axis) for n in readers
+                    ]
                 if self._is_nm() and not self._nm_fits(job, report):
                     continue
                 if data_aware and not job.data_free:
@@ -1117,7 +1122,7 @@ class SparsifyPass(Pass):
                 )
                 for plan in measured
                 for sink, _, _ in plan.sinks
-                for axis in [_activation_axis(sink)]
+                for axis in [_weighted(sink).activation_axis]
             ]
             statistics = collect(
                 model,
@@ -1170,10 +1175,10 @@ class SparsifyPass(Pass):
         if len(weight.outputs) != 1:
             report.skip(name, "weight-shared", f"weight {weight.name} is shared")
             return None
-        layout = _layout(node)
-        out_axis = 0 if node.op == "Conv" or layout.transposed else 1
+        layout = _weighted(node)
+        out_axis = layout.out_axis
         channels = int(weight.shape[out_axis])
-        bias = _constant_input(node, 2) if node.op in ("Gemm", "Conv") else None
+        bias = layout.bias
         if node.op in ("Gemm", "Conv") and len(node.inputs) > 2 and not node.inputs[2].is_empty():
             if bias is None or len(bias.outputs) != 1:
                 report.skip(name, "bias-not-prunable", "its bias is not an unshared constant")
@@ -1280,7 +1285,7 @@ class SparsifyPass(Pass):
                 return "sink-grouped"
             if consumer.op == "Gemm" and int(consumer.attrs.get("transA", 0)):
                 return "sink-gemm-transA"
-            weight = _constant_input(consumer, 1)
+            weight = _weighted(consumer).weight
             if weight is None or len(weight.outputs) != 1:
                 return "sink-weight-not-prunable"
             if (plan.axis == 1) != (consumer.op == "Conv"):
@@ -1299,9 +1304,8 @@ class SparsifyPass(Pass):
 
     @staticmethod
     def _sink_axis(consumer: gs.Node) -> int:
-        if consumer.op == "Gemm" and int(consumer.attrs.get("transB", 0)):
-            return 1
-        return 1 if consumer.op == "Conv" else 0
+        """The sink weight's reduction axis, whose entries meet the pruned channels."""
+        return _weighted(consumer).in_axis
 
     def _check_path_inputs(
         self, node: gs.Node, region: set[int], plan: ChannelPlan
