@@ -41,7 +41,7 @@ from graphopt.data.feeds import (
     Feeds,
     check_input_shapes,
     input_specs,
-    open_data,
+    open_checked,
     synthesize,
     synthesize_runnable,
 )
@@ -404,11 +404,7 @@ def _feeds_for(
     if input_shapes:
         check_input_shapes(specs, input_shapes)
         logger.warning("--input-shapes only shapes synthesized data; ignored for the data given")
-    feeds = open_data(data, specs, batch_size=batch_size)
-    batches = 0
-    for _ in feeds:  # check every feed up front: bad data is an input error, not a late crash
-        batches += 1
-    return feeds, batches
+    return open_checked(data, specs, batch_size=batch_size)
 
 
 GENERIC_BUDGET_PASS = "quant"

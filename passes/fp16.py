@@ -416,7 +416,8 @@ class Fp16Pass(Pass):
         run = _Conversion(model, scope, types, target, self.options, context)
         run.classify()
         if self._data_aware(context):
-            run.block_by_activations(context.data, self.options["max_activation"])  # type: ignore[arg-type]
+            feeds = context.require_feeds("fp16 data_aware")  # _data_aware checked it
+            run.block_by_activations(feeds, self.options["max_activation"])
         if not run.has_work():
             logger.info("fp16: nothing to convert")
             return PassResult(model, False, run.stats())
@@ -429,14 +430,13 @@ class Fp16Pass(Pass):
 
     def _data_aware(self, context: PassContext) -> bool:
         mode = self.options["data_aware"]
-        data = context.data
         if mode == "off":
             return False
-        if not isinstance(data, Feeds):
+        if context.feeds is None:
             if mode == "on":
                 logger.warning("fp16: data_aware=on but no calibration data; skipped")
             return False
-        if mode == "auto" and data.synthetic:
+        if mode == "auto" and not context.has_real_data:
             logger.info("fp16: data-aware blocking off: the calibration data is synthetic")
             return False
         return True

@@ -22,7 +22,6 @@ from graphopt.data.calibration import (
     gram_budget,
     gram_bytes,
 )
-from graphopt.data.feeds import Feeds
 from graphopt.errors import InputError
 from graphopt.ir import weights
 from graphopt.ir.model import Model, iter_graphs
@@ -402,10 +401,9 @@ class LowRankPass(Pass):
         method = self.options["method"]
         if method == "svd":
             return False
-        real_data = isinstance(context.data, Feeds) and not context.data.synthetic
+        real_data = context.has_real_data
         if method == "whiten":
-            if not isinstance(context.data, Feeds):
-                raise InputError("lowrank method=whiten needs calibration data")
+            context.require_feeds("lowrank method=whiten")
             if not real_data:
                 logger.warning("lowrank: whitening with synthetic data; give --calib-data")
             return True
@@ -417,7 +415,7 @@ class LowRankPass(Pass):
         self, model: Model, groups: list[WeightGroup], context: PassContext
     ) -> dict[str, np.ndarray]:
         """XᵀX of every main-graph activation ``groups`` read (the caller checked the data)."""
-        assert isinstance(context.data, Feeds)
+        feeds = context.require_feeds("lowrank")  # _data_aware checked it
         requests = [
             StatRequest(
                 consumer.activation.name,
@@ -430,7 +428,7 @@ class LowRankPass(Pass):
         ]
         stats = collect(
             model,
-            context.data,
+            feeds,
             requests,
             on_batch=lambda index: context.report_progress("lowrank: collecting XᵀX", index),
             settings=context.settings,

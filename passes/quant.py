@@ -393,11 +393,7 @@ class QuantPass(Pass):
         return notes
 
     def call(self, model: Model, context: PassContext) -> PassResult:
-        if context.data is None or not isinstance(context.data, Feeds):
-            raise InputError(
-                "quant needs calibration data (or synthesized feeds from the pipeline)"
-            )
-        feeds: Feeds = context.data
+        feeds = context.require_feeds("quant")
         opset_notes = self._opset_limits(model)
         report = QuantReport()
         candidates = self._candidates(model.graph, context, report)

@@ -28,8 +28,7 @@ from graphopt.data.calibration import (
     gram_budget,
     gram_bytes,
 )
-from graphopt.data.feeds import Feeds
-from graphopt.errors import InputError, OptionError
+from graphopt.errors import OptionError
 from graphopt.ir import weights
 from graphopt.ir.edit import replace_input
 from graphopt.ir.model import Model, iter_graphs
@@ -713,29 +712,24 @@ class SparsifyPass(Pass):
     def _method(self, context: PassContext) -> str:
         """Rule 4's choice of method for this run's data."""
         method = self.options["method"]
-        data = context.data
-        real = isinstance(data, Feeds) and not data.synthetic
+        real = context.has_real_data
         if method == "auto":
             if real:
                 return AUTO_DATA_METHOD
-            if data is None:
+            kind = context.describe_data()
+            if kind == "none":
                 logger.info("sparsify: no calibration data, using magnitude pruning")
-            elif isinstance(data, Feeds):
+            elif kind == "synthetic":
                 logger.info("sparsify: synthetic calibration data, using magnitude pruning")
             else:
                 logger.info(
-                    "sparsify: calibration data is a plain %s, not Feeds (graphopt.data."
+                    "sparsify: calibration data is %s, not Feeds (graphopt.data."
                     "open_data); using magnitude pruning",
-                    type(data).__name__,
+                    kind,
                 )
             return "magnitude"
         if method != "magnitude":
-            if not isinstance(data, Feeds):
-                got = "none" if data is None else f"a plain {type(data).__name__}"
-                raise InputError(
-                    f"sparsify method={method} needs calibration data opened as Feeds "
-                    f"(graphopt.data.feeds.open_data); got {got}"
-                )
+            context.require_feeds(f"sparsify method={method}")
             if not real:
                 logger.warning("sparsify: method=%s on synthetic data; give real data", method)
         return method
@@ -954,8 +948,7 @@ class SparsifyPass(Pass):
     ) -> dict[str, TensorStats]:
         if method == "magnitude":
             return {}
-        if not isinstance(context.data, Feeds):  # _method refuses this already
-            raise InputError(f"sparsify method={method} needs calibration data")
+        feeds = context.require_feeds(f"sparsify method={method}")  # _method checked it
         gram = method == "sparsegpt"
         requests = [
             StatRequest(tensor.name, minmax=False, channel_sumsq=True, gram=gram, channel_axis=axis)
@@ -964,7 +957,7 @@ class SparsifyPass(Pass):
         ]
         return collect(
             model,
-            context.data,
+            feeds,
             requests,
             on_batch=lambda index: context.report_progress("sparsify: calibrating", index),
             settings=context.settings,
@@ -1103,8 +1096,7 @@ class SparsifyPass(Pass):
             return []
         statistics: dict[str, TensorStats] = {}
         if method != "magnitude":
-            if not isinstance(context.data, Feeds):
-                raise InputError(f"sparsify method={method} needs calibration data")
+            feeds = context.require_feeds(f"sparsify method={method}")
             measured = [plan for plan in plans if plan.graph is graph]
             for plan in plans:
                 if plan.graph is not graph:
@@ -1126,7 +1118,7 @@ class SparsifyPass(Pass):
             ]
             statistics = collect(
                 model,
-                context.data,
+                feeds,
                 requests,
                 on_batch=lambda index: context.report_progress("sparsify: calibrating", index),
                 settings=context.settings,

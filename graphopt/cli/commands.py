@@ -45,7 +45,7 @@ from graphopt.cli.progress import ProgressDisplay
 from graphopt.data.feeds import (
     check_input_shapes,
     input_specs,
-    open_data,
+    open_checked,
     parse_input_shapes,
     synthesize_runnable,
 )
@@ -693,9 +693,7 @@ def check_command(
         if input_shapes:
             check_input_shapes(specs, input_shapes)
             click.secho("WARNING: --input-shapes is ignored with --data", fg="yellow", err=True)
-        feeds = open_data(data, specs, batch_size=batch_size)
-        for _ in feeds:  # bad data is an input error up front
-            pass
+        feeds, _ = open_checked(data, specs, batch_size=batch_size)
     del reference_model
     report = run_gate(
         reference,

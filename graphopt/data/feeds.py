@@ -351,6 +351,18 @@ def open_data(
     )
 
 
+def open_checked(
+    source: str | os.PathLike[str] | Iterable[Mapping[str, Any]] | Any,
+    specs: list[InputSpec],
+    *,
+    batch_size: int | None = None,
+) -> tuple[Feeds, int]:
+    """:func:`open_data`, then every feed read once: bad data is an input error before any work,
+    not a crash in the middle of it. Returns the feeds and how many batches they hold."""
+    feeds = open_data(source, specs, batch_size=batch_size)
+    return feeds, sum(1 for _ in feeds)
+
+
 def _missing_path_message(path: Path) -> str:
     """A data path that is neither a file nor a folder: name a file standing in for a folder."""
     for parent in path.parents:

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphopt.data.feeds import Feeds
 from graphopt.errors import GraphoptError, InputError, PassError
 from graphopt.ir.files import ENVIRONMENT_ERRNOS, storage_error
 from graphopt.ir.model import Model, iter_graphs
@@ -87,7 +88,11 @@ class PassContext:
     :meth:`in_scope` for every candidate (bisection uses this to find one harmful node).
     """
 
-    data: Iterable[dict[str, np.ndarray]] | None = None
+    data: Feeds | Iterable[dict[str, np.ndarray]] | None = None
+    """Calibration data. The pipeline always gives :class:`~graphopt.data.feeds.Feeds` (real, or
+    synthesized and flagged so); a plain iterable from a Python caller is accepted, and counts
+    as no data for data-aware methods. Passes read it through :attr:`feeds`,
+    :attr:`has_real_data` and :meth:`require_feeds`."""
     seed: int = 0
     claims: WeightClaims = field(default_factory=WeightClaims)
     scope: frozenset[str] | None = None
@@ -100,6 +105,38 @@ class PassContext:
     """How the run uses the machine (:class:`~graphopt.settings.Settings`); a pass hands it on
     to :func:`~graphopt.data.calibration.collect` and
     :func:`~graphopt.data.calibration.gram_budget`."""
+
+    @property
+    def feeds(self) -> Feeds | None:
+        """The calibration data when it is :class:`Feeds` (real or synthesized), else None."""
+        return self.data if isinstance(self.data, Feeds) else None
+
+    @property
+    def has_real_data(self) -> bool:
+        """Whether real (not synthesized) calibration data was given: what data-aware methods
+        (whitening, SparseGPT, accuracy loops) want."""
+        feeds = self.feeds
+        return feeds is not None and not feeds.synthetic
+
+    def describe_data(self) -> str:
+        """What the data is, for a log line: ``real``, ``synthetic``, ``none`` or ``a plain
+        list`` (an iterable that is not Feeds)."""
+        if self.data is None:
+            return "none"
+        if self.feeds is None:
+            return f"a plain {type(self.data).__name__}"
+        return "synthetic" if self.feeds.synthetic else "real"
+
+    def require_feeds(self, who: str) -> Feeds:
+        """The calibration data as :class:`Feeds`; an InputError naming ``who`` otherwise."""
+        feeds = self.feeds
+        if feeds is None:
+            got = "none" if self.data is None else f"a plain {type(self.data).__name__}"
+            raise InputError(
+                f"{who} needs calibration data opened as Feeds "
+                f"(graphopt.data.feeds.open_data); got {got}"
+            )
+        return feeds
 
     def report_progress(self, label: str, index: int, total: int | None = None) -> None:
         if self.progress is not None:

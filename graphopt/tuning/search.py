@@ -86,6 +86,7 @@ from graphopt.data.feeds import (
     InputSpec,
     check_input_shapes,
     input_specs,
+    open_checked,
     open_data,
     synthesize_runnable,
 )
@@ -867,10 +868,7 @@ def _check_arguments(
 
 def _checked_feeds(source: DataSource, specs: list[InputSpec], batch_size: int | None) -> Feeds:
     """Open a data source and read it once: bad data is an input error before any work."""
-    feeds = open_data(source, specs, batch_size=batch_size)
-    for _ in feeds:
-        pass
-    return feeds
+    return open_checked(source, specs, batch_size=batch_size)[0]
 
 
 def _as_path(source: DataSource, feeds: Feeds, materialized: Path) -> Path:
