@@ -151,14 +151,22 @@ def _parse_threads(text: str, label: str) -> int:
     return value
 
 
+def temporary_folder_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot hold temporary files (``does not exist``, ``is not a folder``,
+    ``is not writable``), or None when it can."""
+    if not folder.is_dir():
+        return "is not a folder" if folder.exists() else "does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "is not writable"
+    return None
+
+
 def _parse_folder(text: str, label: str) -> Path:
     """Rule 4: ``GRAPHOPT_TMPDIR`` names an existing folder graphopt may write in."""
     folder = Path(text).expanduser()
-    if not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
-        raise OptionError(f"{label}={text}: the temporary folder {what}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OptionError(f"{label}={text}: the temporary folder is not writable")
+    problem = temporary_folder_problem(folder)
+    if problem is not None:
+        raise OptionError(f"{label}={text}: the temporary folder {problem}")
     return folder
 
 

@@ -43,6 +43,7 @@ import onnx
 from onnx import external_data_helper
 
 from graphopt.errors import InputError, StorageError
+from graphopt.settings import temporary_folder_problem
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +60,9 @@ def resolve_tmp_dir(tmp_dir: TmpDir = None) -> Path:
     """Rule 1: the temporary folder to use, checked to exist and be writable."""
     folder = Path(tmp_dir) if tmp_dir is not None else Path(tempfile.gettempdir())
     flag = "--tmp-dir" if tmp_dir is not None else "TMPDIR or --tmp-dir"
-    if not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
-        raise InputError(f"temporary folder {folder} {what} (set {flag})")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"temporary folder {folder} is not writable (set {flag})")
+    problem = temporary_folder_problem(folder)
+    if problem is not None:
+        raise InputError(f"temporary folder {folder} {problem} (set {flag})")
     return folder
 
 

@@ -97,6 +97,7 @@ from graphopt.passkit.api import Pass
 from graphopt.passkit.options import OBJECTIVES, resolve_options
 from graphopt.passkit.options import SearchSpace as PassSearchSpace
 from graphopt.passkit.registry import BUILTIN_PASSES, load_pass_class
+from graphopt.pipeline import EventHook
 from graphopt.settings import Settings
 from graphopt.tuning.cache import (
     Evaluation,
@@ -123,7 +124,6 @@ from graphopt.tuning.report import canonical_json_pretty, short_value, write_rep
 
 logger = logging.getLogger(__name__)
 
-EventHook = Callable[[str, dict[str, Any]], None]
 
 DEFAULT_BUDGET = 24
 CLOSE_FACTOR = 2.0
