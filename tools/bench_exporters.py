@@ -982,6 +982,8 @@ def whole_tensor_verdict(validation: Any) -> bool:
         others = [c for c in comparison.checks if c.criterion not in ("cosine", "snr")]
         if not all(check.passed for check in others):
             return False
+        if comparison.cosine is None or comparison.snr_db is None:
+            continue  # no figures and every other check passed (equal non-numeric outputs)
         if comparison.cosine < criteria.min_cosine or comparison.snr_db < criteria.min_snr_db:
             return False
     return True
@@ -1235,7 +1237,10 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
 def _validation_cell(run: Mapping[str, Any]) -> str:
     if not run["comparisons"]:
         return "–"
-    whole = min(run["comparisons"], key=lambda c: c["cosine"])
+    measured = [c for c in run["comparisons"] if c["cosine"] is not None]
+    if not measured:  # no comparison produced figures (errors, new NaN/Inf): nothing to show
+        return "– (no figures)"
+    whole = min(measured, key=lambda c: c["cosine"])
     text = f"{whole['cosine']:.4f}"
     channelled = [c for c in run["comparisons"] if c["worst_channel_cosine"] is not None]
     if channelled:

@@ -240,3 +240,20 @@ def test_whole_tensor_verdict_leaves_only_the_channel_figures_out() -> None:
     assert not bench.whole_tensor_verdict(report(0.999, False, lossy))
     # exact runs keep the gate's own verdict (here a failing check)
     assert not bench.whole_tensor_verdict(report(0.999, True, Criteria(exact=True)))
+
+
+def test_validation_cell_reads_comparisons_without_figures() -> None:
+    """Since issue 16.5 a comparison that did not happen (or found new NaN) has no cosine; the
+    exporters table crashed on it (fp16 of two light-zoo models), so exporters.md was not
+    written."""
+    nan_run = {
+        "comparisons": [{"cosine": None, "worst_channel_cosine": None, "output": "y"}],
+    }
+    assert bench._validation_cell(nan_run) == "– (no figures)"
+    mixed = {
+        "comparisons": [
+            {"cosine": None, "worst_channel_cosine": None, "output": "a"},
+            {"cosine": 0.5, "worst_channel_cosine": 0.25, "output": "b", "worst_channel": "ax 1"},
+        ],
+    }
+    assert bench._validation_cell(mixed) == "0.5000 / 0.2500 (b ax 1)"
