@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,20 @@ def test_every_module_imports_first_in_a_fresh_process(seed: int) -> None:
         [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_only_the_weight_api_touches_graphsurgeon_storage() -> None:
+    """Issue 17.2: ``Constant._values`` and graphsurgeon's lazy/sparse value classes appear in
+    graphopt.ir.weights only; passes, tools, models and tests use its functions."""
+    allowed = PACKAGE / "ir" / "weights.py"
+    pattern = re.compile(r"\._values\b|\bLazyValues\b|\bSparseValues\b")
+    roots = [PACKAGE, REPO_ROOT / "passes", REPO_ROOT / "tools", REPO_ROOT / "models"]
+    found = [
+        f"{path.relative_to(REPO_ROOT)}:{number}"
+        for root in roots
+        for path in sorted(root.rglob("*.py"))
+        if path != allowed
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if pattern.search(line)
+    ]
+    assert found == []

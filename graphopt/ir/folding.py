@@ -35,7 +35,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from graphopt.ir import weights
-from graphopt.ir.model import constant_tensor_proto, iter_graphs
+from graphopt.ir.model import iter_graphs
 from graphopt.ir.ort import make_session
 
 logger = logging.getLogger(__name__)
@@ -250,7 +250,7 @@ def _run_nodes(
                     known[id(tensor)], tensor.name
                 )
             elif isinstance(tensor, gs.Constant):
-                initializers[tensor.name] = constant_tensor_proto(tensor)
+                initializers[tensor.name] = weights.tensor_proto(tensor)
     proto_graph = onnx.helper.make_graph(
         [OnnxExporter.export_node(node) for node in nodes],
         "fold",

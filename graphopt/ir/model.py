@@ -51,7 +51,6 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper, helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, update_import_domains
-from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from graphopt.errors import InputError, ModelLoadError
 from graphopt.ir.files import (
@@ -70,12 +69,15 @@ from graphopt.ir.weights import (
     NATIVE_NUMPY_TYPES,
     ExternalValues,
     WeightSpill,
+    attach_base_dir,
     element_type,
     external_ref,
+    is_in_file,
+    is_sparse,
     nbytes,
     point_to_external,
-    set_storage,
     storage,
+    tensor_proto,
 )
 
 logger = logging.getLogger(__name__)
@@ -201,14 +203,14 @@ class Model:
         for tensor in graph.tensors().values():
             if not isinstance(tensor, gs.Constant):
                 continue
-            if isinstance(storage(tensor), SparseValues):
+            if is_sparse(tensor):
                 sparse.append(OnnxExporter.export_sparse_tensor_proto(tensor))
             elif external is not None and nbytes(tensor) >= EXTERNAL_THRESHOLD_BYTES:
                 initializers.append(external.write(tensor))
             elif external is not None and not external.keep_source_refs:
                 # small tensors stored in the source's data file: inline, never a reference
                 # to the input's files (the output must be self-contained)
-                initializers.append(constant_tensor_proto(tensor))
+                initializers.append(tensor_proto(tensor))
             else:
                 initializers.append(_inline_tensor_proto(tensor))
         proto = _shell_of(self.shell)
@@ -382,12 +384,7 @@ def skeleton_proto(model: Model) -> onnx.ModelProto:
     for tensor in graph.tensors().values():
         if not isinstance(tensor, gs.Constant):
             continue
-        values = storage(tensor)
-        external = isinstance(values, ExternalValues) or (
-            type(values) is LazyValues  # subclasses may compute their proto on access
-            and external_data_helper.uses_external_data(values.tensor)
-        )
-        if nbytes(tensor) > SKELETON_INLINE_LIMIT_BYTES or external:
+        if nbytes(tensor) > SKELETON_INLINE_LIMIT_BYTES or is_in_file(tensor):
             heavy.append(
                 helper.make_tensor_value_info(
                     tensor.name, element_type(tensor), list(tensor.shape or [])
@@ -495,20 +492,6 @@ def iter_constants(graph: gs.Graph) -> Iterator[gs.Constant]:
                 yield tensor
 
 
-def constant_tensor_proto(constant: gs.Constant) -> onnx.TensorProto:
-    """A self-contained TensorProto of ``constant`` (external bytes read in), named like it."""
-    values = storage(constant)
-    if isinstance(values, LazyValues):
-        proto = onnx.TensorProto()
-        proto.CopyFrom(values.tensor)
-        if isinstance(values, ExternalValues):
-            external_data_helper.load_external_data_for_tensor(proto, str(values.base_dir))
-    else:
-        proto = OnnxExporter.export_tensor_proto(constant)
-    proto.name = constant.name
-    return proto
-
-
 def load_model(
     path: str | os.PathLike[str],
     *,
@@ -542,7 +525,7 @@ def load_model(
     if min_opset is not None and default_opset(proto) < min_opset:
         proto, upgrade = upgrade_proto(proto, min_opset)
     graph = _import_graph(proto, model_path)
-    _attach_external_values(graph, base_dir)
+    attach_base_dir(iter_constants(graph), base_dir)
     shell = _shell_of(proto)
     model = Model(
         graph=graph,
@@ -570,7 +553,7 @@ def model_from_proto(
     external = 0
     if base_dir is not None:
         external = _check_external_data(proto, base_dir, Path("<in-memory model>"))
-        _attach_external_values(graph, base_dir)
+        attach_base_dir(iter_constants(graph), base_dir)
     shell = _shell_of(proto)
     model = Model(
         graph=graph,
@@ -719,15 +702,6 @@ def _import_graph(proto: onnx.ModelProto, path: Path) -> gs.Graph:
     except Exception as error:  # graphsurgeon raises bare exceptions on malformed graphs
         detail = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ModelLoadError(f"{path}: malformed ONNX graph ({detail})") from error
-
-
-def _attach_external_values(graph: gs.Graph, base_dir: Path) -> None:
-    """Replace graphsurgeon's lazy values of external tensors by base_dir-aware ones."""
-    for constant in iter_constants(graph):
-        values = storage(constant)
-        if isinstance(values, LazyValues) and not isinstance(values, ExternalValues):
-            if external_data_helper.uses_external_data(values.tensor):
-                set_storage(constant, ExternalValues(values.tensor, base_dir))
 
 
 def save_model(

@@ -19,8 +19,11 @@ on models larger than RAM. The rules a memory-safe pass follows:
 5. Hold few arrays at once: read, compute, replace, drop the arrays.
 
 The storage classes below (:class:`ExternalValues`, :class:`SpilledValues`,
-:class:`WeightSpill`) and :func:`storage` / :func:`set_storage` are for graphopt's model I/O
-(:mod:`graphopt.ir.model`); passes use the functions of rules 1-3.
+:class:`WeightSpill`) and :func:`storage`, :func:`set_storage`, :func:`is_sparse`,
+:func:`is_in_file`, :func:`attach_base_dir` and :func:`tensor_proto` are for graphopt's model
+I/O (:mod:`graphopt.ir.model`); passes use the functions of rules 1-3. This is the only module
+that touches onnx-graphsurgeon's storage (``Constant._values``, ``LazyValues``);
+``tests/test_layout.py`` holds that.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import contextlib
 import shutil
 import tempfile
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,7 +42,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import external_data_helper, helper
-from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 if TYPE_CHECKING:
     from graphopt.ir.model import Model
@@ -240,6 +245,45 @@ def shape(constant: gs.Constant) -> tuple[int, ...]:
 def is_external(constant: gs.Constant) -> bool:
     """Rule 1: whether the values are in a file (the source's external data, or spilled)."""
     return isinstance(constant._values, ExternalValues)
+
+
+def is_sparse(constant: gs.Constant) -> bool:
+    """Whether the constant is a sparse tensor (``sparse_initializer``)."""
+    return isinstance(constant._values, SparseValues)
+
+
+def is_in_file(constant: gs.Constant) -> bool:
+    """Rule 1: whether the values are read from a file when needed: the source's external
+    data (:class:`ExternalValues`, or graphsurgeon's own lazy values of an external tensor)
+    or a spilled file. Values computed on demand (a :class:`LazyWeight`) are not."""
+    values = constant._values
+    if isinstance(values, ExternalValues):
+        return True
+    return type(values) is LazyValues and external_data_helper.uses_external_data(values.tensor)
+
+
+def attach_base_dir(constants: Iterable[gs.Constant], base_dir: Path) -> None:
+    """Model I/O: graphsurgeon's lazy values of external tensors become
+    :class:`ExternalValues` that resolve their files in ``base_dir``."""
+    for constant in constants:
+        values = constant._values
+        if isinstance(values, LazyValues) and not isinstance(values, ExternalValues):
+            if external_data_helper.uses_external_data(values.tensor):
+                set_storage(constant, ExternalValues(values.tensor, base_dir))
+
+
+def tensor_proto(constant: gs.Constant) -> onnx.TensorProto:
+    """A self-contained TensorProto of ``constant`` (external bytes read in), named like it."""
+    values = constant._values
+    if isinstance(values, LazyValues):
+        proto = onnx.TensorProto()
+        proto.CopyFrom(values.tensor)
+        if isinstance(values, ExternalValues):
+            external_data_helper.load_external_data_for_tensor(proto, str(values.base_dir))
+    else:
+        proto = OnnxExporter.export_tensor_proto(constant)
+    proto.name = constant.name
+    return proto
 
 
 def storage(constant: gs.Constant) -> np.ndarray | LazyValues:
