@@ -277,7 +277,8 @@ def _run_settings(settings: Settings | None, tmp_dir: str | os.PathLike[str] | N
         raise OptionError(
             f"settings must be a graphopt.settings.Settings, not {type(settings).__name__}"
         )
-    chosen = Settings.from_env() if settings is None else settings
+    overridden = () if tmp_dir is None else ("tmp_dir",)
+    chosen = Settings.from_env(given=overridden) if settings is None else settings
     return chosen if tmp_dir is None else dataclasses.replace(chosen, tmp_dir=Path(tmp_dir))
 
 

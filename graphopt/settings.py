@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -85,15 +85,22 @@ class Settings:
                 check(getattr(self, item.name), f"Settings.{item.name}")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, given: Iterable[str] = ()
+    ) -> Settings:
         """Settings from the ``GRAPHOPT_*`` variables of ``environ`` (None: ``os.environ``).
 
         Unset or empty variables keep the defaults; a bad value is an OptionError naming the
-        variable. ``GRAPHOPT_TMPDIR`` must be an existing, writable folder.
+        variable. ``GRAPHOPT_TMPDIR`` must be an existing, writable folder. Fields in ``given``
+        (set by a flag or an argument, which wins, rule 4) are not read at all, so a bad
+        variable a flag overrides does not stop the run.
         """
         source = os.environ if environ is None else environ
+        skipped = set(given)
         values: dict[str, Any] = {}
         for name, variable in ENVIRONMENT.items():
+            if name in skipped:
+                continue
             text = source.get(variable, "").strip()
             if text:
                 values[name] = _PARSERS[name](text, variable)

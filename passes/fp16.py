@@ -815,7 +815,11 @@ class _Conversion:
         else:
             array, counts = convert_array(source.read(), self.target)
             self.counts.add(counts)
-            converted = array if self.target == FLOAT16 else ConvertedValues(source, self.target)
+            converted = (
+                array
+                if self.target == FLOAT16
+                else ConvertedValues(weights.WeightSource(array), self.target)  # 2-byte copy
+            )
         self.constants_converted += 1
         if id(constant) not in self._fp32_constant_users:
             if isinstance(converted, ConvertedValues):

@@ -463,3 +463,34 @@ def test_readme_table_lists_every_setting() -> None:
     assert set(rows) == {item.name for item in dataclasses.fields(Settings)}
     for name, cells in rows.items():
         assert cells[2].strip("`") == ENVIRONMENT.get(name, "—"), name
+
+
+def test_a_flag_overrides_a_bad_variable_instead_of_failing_on_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rule 4: flags beat variables, so a variable a flag overrides is not even read."""
+    from graphopt.cli.commands import main
+
+    monkeypatch.setenv("GRAPHOPT_THREADS", "abc")
+    monkeypatch.setenv("GRAPHOPT_TMPDIR", str(tmp_path / "nowhere"))
+    out = tmp_path / "o.onnx"
+    args = ["optimize", str(DIGITS_MODEL), str(out), "--passes", "cleanup"]
+    code = main(
+        [*args, "--calib-data", str(DIGITS_DATA), "--threads", "1", "--tmp-dir", str(tmp_path)]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert Settings.from_env(given={"threads", "tmp_dir"}) == Settings()
+    with pytest.raises(OptionError, match="GRAPHOPT_THREADS"):
+        Settings.from_env(given={"tmp_dir"})
+
+
+def test_default_settings_leave_tune_cache_keys_as_they_were() -> None:
+    """Results cached before the settings existed (or with the defaults) stay valid."""
+    from graphopt.tuning.search import _non_default
+
+    assert _non_default(Settings(), "validation_ort_level", "latency_ort_level", "threads") == {}
+    changed = Settings(threads=2, validation_ort_level="all")
+    assert _non_default(changed, "validation_ort_level", "threads") == {
+        "validation_ort_level": "all",
+        "threads": 2,
+    }

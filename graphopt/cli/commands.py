@@ -372,8 +372,8 @@ _validation_level_option = click.option(
 
 def _settings(**flags: Any) -> Settings:
     """The command's settings: ``GRAPHOPT_*`` read once, then the flags given (not None)."""
-    settings = Settings.from_env()
     given = {name: value for name, value in flags.items() if value is not None}
+    settings = Settings.from_env(given=given)
     return dataclasses.replace(settings, **given) if given else settings
 
 

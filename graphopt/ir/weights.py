@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from graphopt.ir.model import Model
 
 SPILL_MIN_BYTES = 1 << 20
-"""Computed weights smaller than this stay in memory (rule 6)."""
+"""Computed weights smaller than this stay in memory (rule 3)."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class ExternalValues(LazyValues):
 
 
 class SpilledValues(ExternalValues):
-    """Lazy values of a weight a pass computed, kept in a :class:`WeightSpill` file (rule 6).
+    """Lazy values of a weight a pass computed, kept in a :class:`WeightSpill` file (rule 3).
 
     The file is deleted when the last reference to these values goes away.
     """

@@ -667,7 +667,7 @@ def tune(
         "seed": seed,
         "graphopt": __version__,
         "gated_statistic": GATED_STATISTIC,
-        "validation_ort_level": settings.validation_ort_level,
+        **_non_default(settings, "validation_ort_level"),
     }
     cache = TuneCache(inputs.folder)
     owned = executor is None
@@ -713,8 +713,7 @@ def tune(
             "batch_size": batch_size,
             "runs": latency_runs,
             "machine": machine_fingerprint(),
-            "latency_ort_level": settings.latency_ort_level,
-            "threads": settings.threads,
+            **_non_default(settings, "latency_ort_level", "threads"),
         },
         runs=latency_runs,
         search=search,
@@ -864,6 +863,17 @@ def _check_arguments(
         raise InputError(f"workers must be 0 (this process) or more, got {workers}")
     if latency_runs < 1:
         raise InputError(f"latency runs must be at least 1, got {latency_runs}")
+
+
+def _non_default(settings: Settings, *names: str) -> dict[str, Any]:
+    """The named settings that differ from their defaults, for cache keys: results cached
+    with default settings (and by graphopt versions before the settings existed) stay valid."""
+    defaults = Settings()
+    return {
+        name: getattr(settings, name)
+        for name in names
+        if getattr(settings, name) != getattr(defaults, name)
+    }
 
 
 def _checked_feeds(source: DataSource, specs: list[InputSpec], batch_size: int | None) -> Feeds:

@@ -901,3 +901,29 @@ def test_minilm_unstructured_half_sparsegpt_beats_magnitude(
         out = _saved(result.model, tmp_path, f"minilm_{method}.onnx")
         scores[method] = _minilm_cosine(source, out, calib)
     assert scores["sparsegpt"] > scores["magnitude"] + 0.03, scores
+
+
+def test_channel_pruning_trims_a_batched_matmul_sink_on_its_reduction_axis(tmp_path: Path) -> None:
+    """Named behaviour change of issue 17 (the shared weighted-op layout): a MatMul sink whose
+    weight is batched ([2, 32, 8]) is trimmed on its reduction axis (1). Before, sinks were
+    read on axis 0 whatever their rank: this one was skipped, and one whose leading size
+    matched the channel count would have been cut along its batch axis."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "W2"], ["y"], name="mm2"),
+    ]
+    proto = make_model(
+        nodes,
+        [float_input("x", [4, 16])],
+        [float_input("y", [2, 4, 8])],
+        [weight("W1", (16, 32), 1), weight("W2", (2, 32, 8), 2)],
+    )
+    model, result = _run(proto, pattern="channel", sparsity=0.25, method="magnitude")
+    assert result.modified
+    assert _values(model, "W2").shape == (2, 24, 8)
+    kept = [t for t in model.graph.tensors().values() if t.name.startswith("W1")]
+    assert any(np.shape(np.asarray(t.values)) == (16, 24) for t in kept)
+    feed = {"x": np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)}
+    (got,) = run_ort(_saved(model, tmp_path), feed)
+    assert got.shape == (2, 4, 8)
