@@ -186,18 +186,32 @@ class NoisePass(Pass):
 @pytest.fixture
 def installed_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A tiny plugin distribution (module + dist-info with entry points) on sys.path."""
-    plugin_dir = tmp_path / "plugin_site"
-    plugin_dir.mkdir()
-    (plugin_dir / f"{PLUGIN_MODULE}.py").write_text(_PLUGIN_SOURCE)
-    dist = plugin_dir / "graphopt_test_plugin-1.0.dist-info"
+    return install_plugin(
+        tmp_path / "plugin_site",
+        monkeypatch,
+        module=PLUGIN_MODULE,
+        source=_PLUGIN_SOURCE,
+        passes={"rename": "RenamePass", "noise": "NoisePass"},
+    )
+
+
+def install_plugin(
+    site: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    module: str,
+    source: str,
+    passes: Mapping[str, str],
+) -> str:
+    """Install ``source`` as module ``module`` in a new folder ``site`` on sys.path, with a
+    dist-info whose ``graphopt.passes`` entry points map each pass name to a class."""
+    site.mkdir()
+    (site / f"{module}.py").write_text(source)
+    dist = site / f"{module}-1.0.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: graphopt-test-plugin\nVersion: 1.0\n"
-    )
-    (dist / "entry_points.txt").write_text(
-        f"[graphopt.passes]\nrename = {PLUGIN_MODULE}:RenamePass\n"
-        f"noise = {PLUGIN_MODULE}:NoisePass\n"
-    )
-    monkeypatch.syspath_prepend(str(plugin_dir))
-    monkeypatch.delitem(sys.modules, PLUGIN_MODULE, raising=False)
-    return PLUGIN_MODULE
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
+    lines = "".join(f"{name} = {module}:{cls}\n" for name, cls in passes.items())
+    (dist / "entry_points.txt").write_text(f"[graphopt.passes]\n{lines}")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    return module

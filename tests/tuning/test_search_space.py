@@ -11,7 +11,6 @@ does not have (a renamed option) is an error, never a silently dropped setting.
 from __future__ import annotations
 
 import hashlib
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from graphopt.tuning.search import (
     tune,
 )
 
-from ..conftest import REPO_ROOT, relu_mlp
+from ..conftest import REPO_ROOT, install_plugin, relu_mlp
 
 TEST_OPTIONS = {"quant": {"min_macs": 0}, "lowrank": {"min_size": 0}}
 OVERRIDES = {
@@ -507,21 +506,13 @@ class RenamedQuantPass(QuantPass):
 @pytest.fixture
 def search_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """Plugin passes with declared search spaces, installed like tests/conftest.py's plugin."""
-    site = tmp_path / "search_plugin_site"
-    site.mkdir()
-    (site / f"{PLUGIN_MODULE}.py").write_text(_PLUGIN_SOURCE)
-    dist = site / "graphopt_search_plugin-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: graphopt-search-plugin\nVersion: 1.0\n"
+    return install_plugin(
+        tmp_path / "search_plugin_site",
+        monkeypatch,
+        module=PLUGIN_MODULE,
+        source=_PLUGIN_SOURCE,
+        passes={"dim": "DimPass", "typo": "TypoPass", "renamedquant": "RenamedQuantPass"},
     )
-    (dist / "entry_points.txt").write_text(
-        f"[graphopt.passes]\ndim = {PLUGIN_MODULE}:DimPass\ntypo = {PLUGIN_MODULE}:TypoPass\n"
-        f"renamedquant = {PLUGIN_MODULE}:RenamedQuantPass\n"
-    )
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.delitem(sys.modules, PLUGIN_MODULE, raising=False)
-    return PLUGIN_MODULE
 
 
 DIM_SETTINGS = [
