@@ -142,17 +142,40 @@ def data_file_name(model_path: Path) -> str:
     return model_path.name + ".data"
 
 
+def iter_tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored in ``graph``: initializers, sparse initializers' values and
+    indices, tensor attributes, and the same in every If/Loop/Scan body."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from iter_tensor_protos(attribute.g)
+            for body in attribute.graphs:
+                yield from iter_tensor_protos(body)
+
+
+def data_locations(proto: onnx.ModelProto) -> set[str]:
+    """The external-data locations (relative file names) the tensors of ``proto`` refer to."""
+    return {
+        external_data_helper.ExternalDataInfo(tensor).location
+        for tensor in iter_tensor_protos(proto.graph)
+        if external_data_helper.uses_external_data(tensor)
+    }
+
+
 def referenced_data_files(model_path: Path) -> set[str]:
     """Locations of external data a model file refers to (empty when it cannot be read)."""
     try:
         proto = onnx.load(str(model_path), load_external_data=False)
     except Exception:  # a previous output that is not a model: it refers to nothing
         return set()
-    return {
-        external_data_helper.ExternalDataInfo(tensor).location
-        for tensor in external_data_helper._get_all_tensors(proto)
-        if external_data_helper.uses_external_data(tensor)
-    }
+    return data_locations(proto)
 
 
 def model_files(model_path: Path) -> list[Path]:

@@ -57,6 +57,7 @@ from graphopt.ir.files import (
     check_distinct,
     check_output_target,
     data_file_name,
+    data_locations,
     model_roles,
     publish,
     resolve_tmp_dir,
@@ -848,12 +849,7 @@ def _mapped_array(tensor: onnx.TensorProto, base_dir: Path) -> np.ndarray | None
 
 def model_file_bytes(path: Path) -> int:
     """Bytes on disk of a model file plus every external data file it references."""
-    proto = onnx.load(str(path), load_external_data=False)
-    locations = {
-        external_data_helper.ExternalDataInfo(tensor).location
-        for tensor in _all_tensor_protos(proto)
-        if external_data_helper.uses_external_data(tensor)
-    }
+    locations = data_locations(onnx.load(str(path), load_external_data=False))
     total = path.stat().st_size
     for location in sorted(locations):
         data_path = path.parent / location

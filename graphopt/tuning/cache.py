@@ -34,14 +34,15 @@ import os
 import platform
 import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import external_data_helper
+
+from graphopt.ir.files import data_locations
 
 logger = logging.getLogger(__name__)
 
@@ -135,30 +136,9 @@ def _hash_file_into(digest: Any, path: Path) -> None:
             digest.update(chunk)
 
 
-def _iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                yield attribute.t
-            yield from attribute.tensors
-            if attribute.HasField("g"):
-                yield from _iter_tensors(attribute.g)
-            for subgraph in attribute.graphs:
-                yield from _iter_tensors(subgraph)
-
-
 def external_data_files(model_path: Path) -> list[Path]:
     """The external data files a model file references, sorted (missing ones included)."""
-    proto = onnx.load(str(model_path), load_external_data=False)
-    locations = {
-        external_data_helper.ExternalDataInfo(tensor).location
-        for tensor in _iter_tensors(proto.graph)
-        if external_data_helper.uses_external_data(tensor)
-    }
+    locations = data_locations(onnx.load(str(model_path), load_external_data=False))
     return [model_path.parent / location for location in sorted(locations)]
 
 
