@@ -47,10 +47,6 @@ from graphopt.data.feeds import (
 )
 from graphopt.errors import InputError, OptionError, PlanError
 from graphopt.ir.files import (
-    check_distinct,
-    check_output_target,
-    data_file_name,
-    model_roles,
     publish,
     resolve_tmp_dir,
     staging_folder,
@@ -167,19 +163,8 @@ def optimize(
         raise OptionError(f"criteria must be a graphopt.Criteria, not {type(criteria).__name__}")
     settings = _run_settings(settings, tmp_dir)
     scratch = resolve_tmp_dir(settings.tmp_dir)
-    check_output_path(target, source)
     report_target = None if report_path is None else Path(report_path)
-    if report_target is not None:
-        check_output_target(report_target, "report")
-        output_data = target.with_name(data_file_name(target))
-        check_distinct(
-            {
-                **model_roles(source, "input"),
-                "the output": target,
-                "the output's data file": output_data,
-                "the report": report_target,
-            }
-        )
+    check_output_path(target, source, report=report_target)
     pass_objects = build_passes(list(passes), options or {})
     manager = PassManager(pass_objects, order=order, on_event=emit)
     emit("plan", {"plan": manager.plan})

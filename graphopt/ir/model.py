@@ -858,17 +858,20 @@ def model_file_bytes(path: Path) -> int:
     return total
 
 
-def check_output_path(out_path: Path, source: Path | None) -> None:
+def check_output_path(out_path: Path, source: Path | None, *, report: Path | None = None) -> None:
     """Refuse outputs that cannot be written, that are not regular files (with their ``.data``
     file; :func:`graphopt.ir.files.check_output_target`), or whose model or data file would be the
-    input model or one of the input's external-data files."""
+    input model or one of the input's external-data files; likewise a ``report`` path, which
+    must also differ from the output's files. The input is parsed once for all of it."""
     data_path = out_path.with_name(data_file_name(out_path))
     check_output_target(out_path)
     check_output_target(data_path, "output data file")
-    if source is None:
-        return
-    roles = model_roles(source, "input")
-    check_distinct({**roles, "the output": out_path, "the output's data file": data_path})
+    if report is not None:
+        check_output_target(report, "report")
+    roles = {} if source is None else model_roles(source, "input")
+    check_distinct(
+        {**roles, "the output": out_path, "the output's data file": data_path, "the report": report}
+    )
 
 
 def _external_sources(model: Model) -> dict[str, Path]:
