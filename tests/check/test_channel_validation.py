@@ -35,11 +35,12 @@ from graphopt.check.validate import (
 )
 from graphopt.data.feeds import Feeds, input_specs, open_data
 from graphopt.ir.model import model_from_proto
-from graphopt.tuning.cache import Evaluation, LatencyRecord
+from graphopt.tuning.cache import Evaluation
 from graphopt.tuning.executor import EvaluationTask, evaluate_task
 from graphopt.tuning.search import LATENCY_TIE, Candidate, Trial, choose
 
 from ..conftest import float_input, make_model, run_cli, run_ort
+from ..tuning.trials import timed_trial
 
 ANCHORS, CLASSES, FEATURES, SAMPLES = 300, 6, 16, 8
 SCORE_ROW = re.compile(r"axis 1 index ([0-9]+)")
@@ -354,33 +355,19 @@ def test_tune_bar_is_the_worst_channel_figure(
     assert restored.outputs == evaluation.outputs  # the cache keeps both parts
 
 
-def _timed(index: int, ratio: float, size: int, lossy: tuple[str, ...]) -> Trial:
-    candidate = Candidate(tuple(sorted(("cleanup", *lossy))), lossy, {})
-    evaluation = Evaluation(
-        key=f"k{index}",
-        passes=list(candidate.passes),
-        options={},
-        min_cosine=0.999,
-        size_bytes=size,
-        model_sha256=f"sha{index}",
-    )
-    latency = LatencyRecord(ratio, 10.0, 10.0 * ratio, 5)
-    return Trial(index, "sensitivity", candidate, f"k{index}", evaluation, latency=latency)
-
-
 def test_fp16_on_cpu_must_be_measured_faster(caplog: pytest.LogCaptureFixture) -> None:
-    plain = _timed(0, 0.80, 60, ("quant",))
-    tied_fp16 = _timed(1, 0.80 * (1 + LATENCY_TIE / 2), 30, ("fp16", "quant"))  # smaller
+    plain = timed_trial(0, 0.80, 60, ("quant",))
+    tied_fp16 = timed_trial(1, 0.80 * (1 + LATENCY_TIE / 2), 30, ("fp16", "quant"))  # smaller
     with caplog.at_level(logging.INFO, logger="graphopt.tuning.search"):
         assert choose([plain, tied_fp16], "latency", 0.99, 100) is plain
     assert "not choosing fp16 + quant" in caplog.text
     # off the CPU the plain tie rule applies: within LATENCY_TIE the smaller model wins
     assert choose([plain, tied_fp16], "latency", 0.99, 100, latency_provider="cuda") is tied_fp16
-    faster_fp16 = _timed(2, 0.70, 30, ("fp16", "quant"))
+    faster_fp16 = timed_trial(2, 0.70, 30, ("fp16", "quant"))
     assert choose([plain, tied_fp16, faster_fp16], "latency", 0.99, 100) is faster_fp16
     # with no candidate without fp16, fp16 must clearly beat the original itself
-    assert choose([_timed(3, 0.99, 30, ("fp16",))], "latency", 0.99, 100) is None
-    alone = _timed(4, 0.90, 30, ("fp16",))
+    assert choose([timed_trial(3, 0.99, 30, ("fp16",))], "latency", 0.99, 100) is None
+    alone = timed_trial(4, 0.90, 30, ("fp16",))
     assert choose([alone], "latency", 0.99, 100) is alone
     # the size objective is untouched by the rule
     assert choose([plain, tied_fp16], "size", 0.99, 100) is tied_fp16

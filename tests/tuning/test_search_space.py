@@ -29,13 +29,10 @@ from graphopt.passkit.options import (
     sweep,
 )
 from graphopt.passkit.registry import BUILTIN_PASSES, load_pass_class
-from graphopt.tuning.cache import Evaluation, LatencyRecord
 from graphopt.tuning.executor import SerialExecutor
 from graphopt.tuning.search import (
     LATENCY_TIE,
-    Candidate,
     Setting,
-    Trial,
     build_search_space,
     choose,
     sensitivity_order,
@@ -43,6 +40,7 @@ from graphopt.tuning.search import (
 )
 
 from ..conftest import REPO_ROOT, install_plugin, relu_mlp
+from .trials import timed_trial
 
 TEST_OPTIONS = {"quant": {"min_macs": 0}, "lowrank": {"min_size": 0}}
 OVERRIDES = {
@@ -565,28 +563,14 @@ def test_tune_tries_a_plugin_s_declared_settings(search_plugin: str, tmp_path: P
     assert all(t.ok for t in result.trials)
 
 
-def _timed(index: int, ratio: float, size: int, lossy: tuple[str, ...]) -> Trial:
-    candidate = Candidate(tuple(sorted(("cleanup", *lossy))), lossy, {})
-    evaluation = Evaluation(
-        key=f"k{index}",
-        passes=list(candidate.passes),
-        options={},
-        min_cosine=0.999,
-        size_bytes=size,
-        model_sha256=f"sha{index}",
-    )
-    latency = LatencyRecord(ratio, 10.0, 10.0 * ratio, 5)
-    return Trial(index, "sensitivity", candidate, f"k{index}", evaluation, latency=latency)
-
-
 def test_a_plugin_declared_slow_on_the_cpu_must_be_measured_faster(
     search_plugin: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    plain = _timed(0, 0.80, 40, ("quant",))
-    tied = _timed(1, 0.80 * (1 + LATENCY_TIE / 2), 30, ("dim", "quant"))  # smaller
+    plain = timed_trial(0, 0.80, 40, ("quant",))
+    tied = timed_trial(1, 0.80 * (1 + LATENCY_TIE / 2), 30, ("dim", "quant"))  # smaller
     with caplog.at_level("INFO", logger="graphopt.tuning.search"):
         assert choose([plain, tied], "latency", 0.99, 100) is plain
     assert "not choosing dim + quant: dim on the CPU provider is not measured faster" in caplog.text
     assert choose([plain, tied], "latency", 0.99, 100, latency_provider="cuda") is tied
-    faster = _timed(2, 0.70, 30, ("dim",))
+    faster = timed_trial(2, 0.70, 30, ("dim",))
     assert choose([plain, tied, faster], "latency", 0.99, 100) is faster
