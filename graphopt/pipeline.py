@@ -45,6 +45,7 @@ from graphopt.data.feeds import (
     synthesize,
     synthesize_runnable,
 )
+from graphopt.data.masking import MaskSummary, resolve_mask_input
 from graphopt.errors import InputError, OptionError, PlanError
 from graphopt.ir.files import (
     publish,
@@ -78,6 +79,8 @@ class OptimizeReport:
     output_bytes: int
     data: str
     synthetic_data: bool
+    calibration_mask: str | None = None
+    """Which input marked padding in the calibration data and how much (None: no mask)."""
     opset: dict[str, Any] | None = None
     """The opset upgrade the plan asked for (:class:`graphopt.ir.opset.OpsetUpgrade`), if any."""
     validation: ValidationReport | None = None
@@ -100,6 +103,7 @@ class OptimizeReport:
             "output_bytes": self.output_bytes,
             "data": self.data,
             "synthetic_data": self.synthetic_data,
+            "calibration_mask": self.calibration_mask,
             "opset": self.opset,
             "validation": self.validation.to_dict() if self.validation else None,
             "per_tensor": None
@@ -141,6 +145,7 @@ def optimize(
     report_path: str | os.PathLike[str] | None = None,
     settings: Settings | None = None,
     order: OrderMode = "planned",
+    mask_input: str | bool | None = None,
 ) -> OptimizeReport:
     """Run the pipeline; see the module docstring. Raises InputError on unusable input.
 
@@ -154,6 +159,9 @@ def optimize(
     ``settings``: how the run uses the machine (:class:`~graphopt.settings.Settings`: threads,
     calibration memory budgets, the validation sessions' ONNX Runtime level); the passes get it
     as ``context.settings``. None reads the ``GRAPHOPT_*`` variables (``Settings.from_env``).
+    ``mask_input``: the input marking padding positions in the calibration data, whose
+    statistics then count valid positions only (:mod:`graphopt.data.masking`); None finds an
+    attention mask by name and values, False turns masking off.
     """
     emit = on_event or (lambda _kind, _info: None)
     source, target = Path(input_path), Path(output_path)
@@ -191,6 +199,10 @@ def optimize(
     probe = validate or not all(item.exact for item in pass_objects)
     feeds, batches = _feeds_for(model, data, batch_size, seed, source, input_shapes, probe=probe)
     emit("data", {"description": feeds.description, "synthetic": feeds.synthetic})
+    mask = _calibration_mask(model, feeds, mask_input)
+    if mask is not None:
+        feeds = feeds.with_mask_input(mask.input)
+        emit("mask", {"description": mask.describe()})
     check_feeds, check_batches = feeds, batches
     if validation_data is not None:
         check_feeds, check_batches = _feeds_for(
@@ -227,6 +239,7 @@ def optimize(
             output_bytes=model_file_bytes(staged),
             data=check_feeds.description,
             synthetic_data=check_feeds.synthetic,
+            calibration_mask=None if mask is None else mask.describe(),
             opset=opset,
             seconds=timings,
         )
@@ -391,6 +404,18 @@ def _feeds_for(
         check_input_shapes(specs, input_shapes)
         logger.warning("--input-shapes only shapes synthesized data; ignored for the data given")
     return open_checked(data, specs, batch_size=batch_size)
+
+
+def _calibration_mask(
+    model: Model, feeds: Feeds, requested: str | bool | None
+) -> MaskSummary | None:
+    """Which input marks padding in the calibration data (module :mod:`graphopt.data.masking`);
+    a mask named for synthesized data is ignored, with a warning."""
+    if feeds.synthetic:
+        if isinstance(requested, str):
+            logger.warning("--mask-input %s ignored: the data is synthesized", requested)
+        return None
+    return resolve_mask_input(feeds, input_specs(model.graph), requested)
 
 
 GENERIC_BUDGET_PASS = "quant"

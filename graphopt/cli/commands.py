@@ -382,6 +382,11 @@ _WHOLE_TENSOR_HELP = (
     "(slices along every axis of size 2-256), so collapsed small-valued channels fail."
 )
 
+_MASK_INPUT_HELP = (
+    "Input whose 0/1 values mark padding positions ([batch, sequence]); calibration statistics "
+    "count valid positions only. Default: an input named like an attention mask; none: off."
+)
+
 
 @cli.command("optimize")
 @_logging_flags
@@ -452,6 +457,7 @@ _WHOLE_TENSOR_HELP = (
     help="Run --passes in the order given instead of planning it; exit 2 naming any declared "
     "ordering relation the order breaks.",
 )
+@click.option("--mask-input", "mask_input_text", metavar="NAME|none", help=_MASK_INPUT_HELP)
 @_tmp_dir_option
 @_threads_option
 @_validation_level_option
@@ -476,6 +482,7 @@ def optimize_command(
     per_tensor: bool,
     bisect: bool,
     keep_order: bool,
+    mask_input_text: str | None,
     tmp_dir: Path | None,
     threads: int | None,
     validation_ort_level: str | None,
@@ -512,6 +519,8 @@ def optimize_command(
             click.echo(f"data: {info['description']}")
         elif kind == "validation-data":
             click.echo(f"validation data: {info['description']}")
+        elif kind == "mask":
+            click.echo(f"calibration {info['description']}")
         elif kind in _STEP_BOUNDARIES:
             progress.finish()
             if kind == "pass-start":
@@ -551,9 +560,17 @@ def optimize_command(
             report_path=report_path,
             settings=settings,
             order=order,
+            mask_input=_mask_input(mask_input_text),
         )
     _print_report(report)
     return EXIT_OK if report.passed else EXIT_FAILED
+
+
+def _mask_input(text: str | None) -> str | bool | None:
+    """``--mask-input``: None finds an attention mask, ``none`` turns masking off."""
+    if text is None:
+        return None
+    return False if text.strip().lower() == "none" else text.strip()
 
 
 def _check_writable(*paths: Path | None) -> None:

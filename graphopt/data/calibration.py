@@ -14,8 +14,10 @@ Rules:
    unquantizable with its reason; a tensor with no finite value at all likewise.
 5. Ranges for quantization come from :func:`calibrated_range` with one of four calibrators:
    ``minmax``, ``percentile``, ``entropy`` (KL divergence, as TensorRT) or ``mse``.
-6. Memory is bounded on large models. Before the first batch, one sample is run to measure the
-   bytes a sample's requested outputs take; when a batch's outputs would exceed
+6. Memory is bounded on large models. Before the first batch of each distinct shape (inputs'
+   shapes after axis 0: sequence lengths and image sizes may vary from feed to feed), one sample
+   is run to measure the bytes a sample's requested outputs take; when a batch's outputs would
+   exceed
    :func:`output_budget` (:data:`OUTPUT_BUDGET_BYTES` unless the run's
    :class:`~graphopt.settings.Settings` set ``calibration_output_bytes``), batches are split along
    axis 0 (statistics do not depend on how samples are grouped, except histogram bin edges).
@@ -25,6 +27,10 @@ Rules:
    weight bytes (at least 256 MiB), or the settings' ``gram_budget_bytes``.
 7. The collector's session runs the graph as written (ONNX Runtime's rewrites off, whatever the
    settings' validation level: requested tensors keep their names), with the settings' threads.
+8. Padding: when the feeds name a mask input (``Feeds.mask_input``, see
+   :mod:`graphopt.data.masking`), every statistic of a tensor laid out [batch, sequence, …] (or
+   sequence-first, or flattened) counts the valid positions only; other tensors are untouched.
+   Each tensor's ``padding`` says how many positions were left out, and one log line sums them.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import numpy as np
 import onnxruntime as ort
 
 from graphopt.data.feeds import Feeds
+from graphopt.data.masking import RunMask, run_mask
 from graphopt.errors import DataError
 from graphopt.ir.model import Model, runnable_model
 from graphopt.ir.ort import make_session
@@ -143,6 +150,8 @@ class TensorStats:
     count: int = 0
     nonfinite: int = 0
     masked: int = 0
+    padding: int = 0
+    """Positions left out as padding (rule 8)."""
     minimum: float = math.inf
     maximum: float = -math.inf
     histogram: RunningHistogram | None = None
@@ -162,14 +171,21 @@ class TensorStats:
             return "no finite values seen during calibration"
         return None
 
-    def update(self, array: np.ndarray, request: StatRequest) -> None:
+    def update(self, array: np.ndarray, request: StatRequest, mask: RunMask | None = None) -> None:
+        """Fold one run's value in; with ``mask``, only its valid positions (rule 8)."""
         values = np.asarray(array)
         if values.dtype.kind not in "fc":
             return
+        per_channel = request.channel_absmax or request.channel_sumsq or request.gram
+        axis: int | None = request.channel_axis if per_channel else None
+        if mask is not None:
+            selected = mask.select(values, axis)
+            values, axis = selected.value, selected.channel_axis
+            self.padding += selected.dropped
         if request.minmax or request.histogram:
             self._update_values(values, request)
-        if request.channel_absmax or request.channel_sumsq or request.gram:
-            self._update_channels(values, request)
+        if per_channel and axis is not None:
+            self._update_channels(values, axis, request)
 
     def _update_values(self, values: np.ndarray, request: StatRequest) -> None:
         flat = values.reshape(-1)
@@ -191,10 +207,10 @@ class TensorStats:
                 self.histogram = self.histogram or RunningHistogram()
                 self.histogram.add(finite)
 
-    def _update_channels(self, values: np.ndarray, request: StatRequest) -> None:
+    def _update_channels(self, values: np.ndarray, axis: int, request: StatRequest) -> None:
         if values.ndim == 0:
             return
-        rows = np.moveaxis(values, request.channel_axis, -1)
+        rows = np.moveaxis(values, axis, -1)
         rows = rows.reshape(-1, rows.shape[-1])
         if rows.dtype.itemsize < 4:  # float16 products would overflow
             rows = rows.astype(np.float32)
@@ -267,16 +283,24 @@ def collect(
         missing = [name for name in names if name not in available]
         if missing:
             raise ValueError(f"tensors not produced by the graph: {', '.join(missing[:5])}")
-        samples_per_run: int | None = None
+        runs_by_shape: dict[tuple[tuple[str, tuple[int, ...]], ...], int] = {}
+        positions = padding = 0
         for index, feed in enumerate(feeds):
             if max_batches is not None and index >= max_batches:
                 break
-            if samples_per_run is None:
-                samples_per_run = _samples_per_run(session, names, feed, output_budget(settings))
-            for part in _split_feed(feed, samples_per_run):
+            shape_key = _sample_shapes(feed)
+            if shape_key not in runs_by_shape:
+                runs_by_shape[shape_key] = _samples_per_run(
+                    session, names, feed, output_budget(settings)
+                )
+            for part in _split_feed(feed, runs_by_shape[shape_key]):
+                mask = run_mask(part, feeds.mask_input)
+                if mask is not None:
+                    positions += mask.valid.size
+                    padding += mask.padding
                 values = session.run(names, part)
                 for name, value in zip(names, values, strict=True):
-                    stats[name].update(np.asarray(value), merged[name])
+                    stats[name].update(np.asarray(value), merged[name], mask)
                 del values
             batches += 1
             if on_batch is not None:
@@ -286,6 +310,17 @@ def collect(
         tensor_stats.finish()
     if batches == 0:
         raise DataError(f"{feeds.description}: no samples to calibrate on")
+    if padding:
+        masked = sum(1 for s in stats.values() if s.padding)
+        logger.info(
+            "calibration: %s marks %d of %d positions as padding; %d of %d tensors counted "
+            "valid positions only",
+            feeds.mask_input,
+            padding,
+            positions,
+            masked,
+            len(stats),
+        )
     skipped = {name: s.nonfinite for name, s in stats.items() if s.nonfinite}
     if skipped:
         logger.info("calibration skipped non-finite values in %d tensors", len(skipped))
@@ -299,6 +334,11 @@ def _batch_length(feed: Mapping[str, np.ndarray]) -> int | None:
         return None
     length = next(iter(lengths))
     return length if length is not None and length > 1 else None
+
+
+def _sample_shapes(feed: Mapping[str, np.ndarray]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """What decides a sample's output size (rule 6): each input's shape after axis 0."""
+    return tuple((name, tuple(np.shape(value))[1:]) for name, value in sorted(feed.items()))
 
 
 def _split_feed(

@@ -181,7 +181,9 @@ class Feeds:
 
     ``labels`` name each feed in warnings (a folder's files); by default a feed is named by the
     description and its position. ``warned`` holds the inputs already warned about non-finite
-    values (module rules); it is shared with :meth:`subset`.
+    values (module rules); it is shared with :meth:`subset`. ``mask_input`` names the input
+    that marks padding positions (:mod:`graphopt.data.masking`), or None; calibration counts
+    valid positions only.
     """
 
     def __init__(
@@ -193,8 +195,10 @@ class Feeds:
         synthetic: bool = False,
         labels: Sequence[str] | None = None,
         warned: set[str] | None = None,
+        mask_input: str | None = None,
     ) -> None:
         self._factory = factory
+        self.mask_input = mask_input
         self._specs = {spec.name: spec for spec in specs}
         self.description = description
         self.synthetic = synthetic
@@ -246,6 +250,19 @@ class Feeds:
             synthetic=self.synthetic,
             labels=[self._feed_label(index) for index in positions],
             warned=self._warned,
+            mask_input=self.mask_input,
+        )
+
+    def with_mask_input(self, name: str | None) -> Feeds:
+        """The same feeds with ``name`` as the input that marks padding (None: no mask)."""
+        return Feeds(
+            self._factory,
+            list(self._specs.values()),
+            self.description,
+            synthetic=self.synthetic,
+            labels=self._labels,
+            warned=self._warned,
+            mask_input=name,
         )
 
     def count_samples(self) -> int:

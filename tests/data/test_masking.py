@@ -1,0 +1,297 @@
+"""Padding masks: calibration statistics count valid positions only (graphopt.data.masking)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from graphopt.data.calibration import StatRequest, collect
+from graphopt.data.feeds import input_specs, open_data
+from graphopt.data.masking import RunMask, resolve_mask_input, run_mask
+from graphopt.errors import DataError, OptionError
+from graphopt.ir.model import load_model, model_from_proto
+from graphopt.pipeline import optimize
+
+from ..conftest import make_model, run_cli, weight
+
+VOCAB, HIDDEN = 20, 8
+
+
+def token_model(mask_name: str = "attention_mask") -> onnx.ModelProto:
+    """ids [b, s] → embedding → MatMul W1 → Relu → MatMul W2 → hidden [b, s, 8], and its
+    masked mean over the sequence → pooled [b, 8]. Each position's hidden state depends on
+    its own token only, so padding changes nothing the pooled output sees."""
+    nodes = [
+        helper.make_node("Gather", ["E", "input_ids"], ["embedded"], name="embed"),
+        helper.make_node("MatMul", ["embedded", "W1"], ["h"], name="mm1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "W2"], ["hidden"], name="mm2"),
+        helper.make_node("Cast", [mask_name], ["maskf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["maskf", "last"], ["mask3"]),
+        helper.make_node("Mul", ["hidden", "mask3"], ["kept"]),
+        helper.make_node("ReduceSum", ["kept", "one"], ["summed"], keepdims=0),
+        helper.make_node("ReduceSum", ["maskf", "one"], ["count"], keepdims=1),
+        helper.make_node("Div", ["summed", "count"], ["pooled"]),
+    ]
+    ints = [
+        helper.make_tensor("last", TensorProto.INT64, [1], [-1]),
+        helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+    ]
+    return make_model(
+        nodes,
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info(mask_name, TensorProto.INT64, ["batch", "seq"]),
+        ],
+        [
+            helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", HIDDEN]),
+        ],
+        [
+            weight("E", (VOCAB, HIDDEN), 0),
+            weight("W1", (HIDDEN, 16), 1),
+            weight("W2", (16, 8), 2),
+            *ints,
+        ],
+    )
+
+
+def sentences(count: int = 12, seed: int = 0) -> list[np.ndarray]:
+    """Token ids of ``count`` sentences of 2–9 tokens (ids 1.., 0 is padding)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, VOCAB, size=int(rng.integers(2, 10))) for _ in range(count)]
+
+
+def padded_feeds(texts: list[np.ndarray], batch: int, length: int) -> list[dict[str, np.ndarray]]:
+    feeds = []
+    for start in range(0, len(texts), batch):
+        chunk = texts[start : start + batch]
+        ids = np.zeros((len(chunk), length), np.int64)
+        mask = np.zeros((len(chunk), length), np.int64)
+        for row, tokens in enumerate(chunk):
+            ids[row, : tokens.size] = tokens
+            mask[row, : tokens.size] = 1
+        feeds.append({"input_ids": ids, "attention_mask": mask})
+    return feeds
+
+
+def unpadded_feeds(texts: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    return [
+        {
+            "input_ids": tokens[None].astype(np.int64),
+            "attention_mask": np.ones((1, tokens.size), np.int64),
+        }
+        for tokens in texts
+    ]
+
+
+REQUESTS = [
+    StatRequest("embedded", histogram=True, channel_absmax=True, gram=True),
+    StatRequest("r", channel_sumsq=True, gram=True),
+    StatRequest("hidden", minmax=True),
+]
+
+
+def _stats(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], mask: str | None):  # type: ignore[no-untyped-def]
+    model = model_from_proto(proto)
+    opened = open_data(feeds, input_specs(model.graph)).with_mask_input(mask)
+    return collect(model, opened, REQUESTS)
+
+
+# --- layouts (rule 4) ------------------------------------------------------------------------
+
+
+def test_batch_first_tensor_keeps_valid_rows() -> None:
+    valid = np.array([[1, 1, 0], [1, 0, 0]], bool)
+    value = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    selected = RunMask(valid).select(value, -1)
+    np.testing.assert_array_equal(selected.value, value[valid])
+    assert selected.dropped == 3 and selected.channel_axis == 1  # [valid, 4]: axis 1
+
+
+def test_sequence_first_and_flattened_layouts_are_masked() -> None:
+    valid = np.array([[1, 1, 0], [1, 0, 0]], bool)
+    hidden = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
+    mask = RunMask(valid)
+    sequence_first = mask.select(np.ascontiguousarray(hidden.transpose(1, 0, 2)), -1)
+    flattened = mask.select(hidden.reshape(6, 4), 1)
+    np.testing.assert_array_equal(np.sort(sequence_first.value, 0), np.sort(hidden[valid], 0))
+    np.testing.assert_array_equal(flattened.value, hidden[valid])
+    assert flattened.channel_axis == 1
+
+
+def test_other_layouts_and_sequence_channels_stay_whole() -> None:
+    valid = np.array([[1, 1, 0], [1, 0, 0]], bool)
+    mask = RunMask(valid)
+    pooled = np.ones((2, 4), np.float32)
+    scores = np.ones((2, 5, 3, 3), np.float32)  # [batch, heads, seq, seq]
+    for value, axis in ((pooled, -1), (scores, -1), (np.ones((2, 3), np.float32), -1)):
+        selected = mask.select(value, axis)
+        assert selected.value is value and selected.dropped == 0
+    # minmax only (no channel axis): a [b, s] tensor is masked
+    assert mask.select(np.ones((2, 3), np.float32), None).value.shape == (3,)
+
+
+def test_a_mask_without_padding_selects_nothing() -> None:
+    value = np.ones((2, 3, 4), np.float32)
+    assert RunMask(np.ones((2, 3), bool)).select(value, -1).value is value
+
+
+# --- statistics (collector rule 8) -----------------------------------------------------------
+
+
+def test_masked_statistics_equal_those_of_the_unpadded_sentences() -> None:
+    proto, texts = token_model(), sentences()
+    padded = padded_feeds(texts, batch=4, length=16)
+    expected = _stats(proto, unpadded_feeds(texts), None)
+    masked = _stats(proto, padded, "attention_mask")
+    unmasked = _stats(proto, padded, None)
+    for name in ("embedded", "r"):
+        np.testing.assert_allclose(masked[name].gram, expected[name].gram, rtol=1e-5)
+        assert not np.allclose(unmasked[name].gram, expected[name].gram, rtol=1e-2)
+    np.testing.assert_allclose(masked["r"].channel_sumsq, expected["r"].channel_sumsq, rtol=1e-5)
+    np.testing.assert_array_equal(
+        masked["embedded"].channel_absmax, expected["embedded"].channel_absmax
+    )
+    # histogram bin edges depend on how values are grouped (collector rule 3); counts do not
+    assert masked["embedded"].histogram.counts.sum() == expected["embedded"].count
+    assert (masked["hidden"].minimum, masked["hidden"].maximum) == (
+        expected["hidden"].minimum,
+        expected["hidden"].maximum,
+    )
+    assert masked["r"].rows == expected["r"].rows == sum(t.size for t in texts)
+    padding = 3 * 4 * 16 - sum(t.size for t in texts)
+    assert masked["r"].padding == padding and unmasked["r"].padding == 0
+
+
+def test_collect_logs_how_many_positions_were_padding(caplog: pytest.LogCaptureFixture) -> None:
+    proto, texts = token_model(), sentences()
+    with caplog.at_level(logging.INFO, logger="graphopt.data.calibration"):
+        _stats(proto, padded_feeds(texts, batch=4, length=16), "attention_mask")
+    padding = 3 * 4 * 16 - sum(t.size for t in texts)
+    assert f"marks {padding} of 192 positions as padding" in caplog.text
+
+
+def test_run_mask_ignores_feeds_without_the_input() -> None:
+    assert run_mask({"x": np.ones((2, 3))}, "attention_mask") is None
+    assert run_mask({"attention_mask": np.ones((2, 3))}, None) is None
+
+
+# --- which input is the mask (rules 1-3) -----------------------------------------------------
+
+
+def _feeds(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]):  # type: ignore[no-untyped-def]
+    specs = input_specs(model_from_proto(proto).graph)
+    return open_data(feeds, specs), specs
+
+
+def test_an_attention_mask_is_found_by_name_and_values() -> None:
+    proto = token_model()
+    feeds, specs = _feeds(proto, padded_feeds(sentences(), 4, 16))
+    summary = resolve_mask_input(feeds, specs)
+    assert summary is not None and summary.input == "attention_mask"
+    assert summary.positions == 192 and summary.padding == 192 - sum(t.size for t in sentences())
+    assert "are padding" in summary.describe()
+    assert resolve_mask_input(feeds, specs, False) is None
+
+
+def test_a_mask_named_like_padding_or_with_other_values_is_not_guessed() -> None:
+    proto = token_model("key_padding_mask")
+    data = [
+        {"input_ids": f["input_ids"], "key_padding_mask": f["attention_mask"]}
+        for f in padded_feeds(sentences(), 4, 16)
+    ]
+    feeds, specs = _feeds(proto, data)
+    assert resolve_mask_input(feeds, specs) is None
+    assert resolve_mask_input(feeds, specs, "key_padding_mask").input == "key_padding_mask"
+    counts = [
+        dict(f, attention_mask=f["attention_mask"] * 2) for f in padded_feeds(sentences(), 4, 16)
+    ]
+    feeds, specs = _feeds(token_model(), counts)
+    assert resolve_mask_input(feeds, specs) is None
+    with pytest.raises(DataError, match="values other than 0 and 1"):
+        resolve_mask_input(feeds, specs, "attention_mask")
+
+
+def test_naming_a_mask_that_is_not_a_rank_2_input_is_an_error() -> None:
+    feeds, specs = _feeds(token_model(), padded_feeds(sentences(), 4, 16))
+    with pytest.raises(DataError, match="not a model input"):
+        resolve_mask_input(feeds, specs, "mask")
+    with pytest.raises(OptionError, match="mask_input must be"):
+        resolve_mask_input(feeds, specs, True)
+
+
+# --- the pipeline and the CLI ------------------------------------------------------------------
+
+
+def _folder(tmp_path: Path, feeds: list[dict[str, np.ndarray]], name: str) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    for index, feed in enumerate(feeds):
+        np.savez(folder / f"{index:03d}.npz", **feed)
+    return folder
+
+
+def _factors(path: Path) -> dict[str, np.ndarray]:
+    graph = load_model(path).graph
+    return {
+        name: np.asarray(tensor.values)
+        for name, tensor in graph.tensors().items()
+        if hasattr(tensor, "values") and name.startswith(("W1", "W2"))
+    }
+
+
+def test_lowrank_calibrated_on_padded_batches_matches_unpadded(tmp_path: Path) -> None:
+    proto, texts = token_model(), sentences(24)
+    source = tmp_path / "tokens.onnx"
+    onnx.save(proto, source)
+    padded = _folder(tmp_path, padded_feeds(texts, 4, 16), "padded")
+    unpadded = _folder(tmp_path, unpadded_feeds(texts), "unpadded")
+    options = {"lowrank": {"rank": 4, "method": "whiten", "min_size": 1}}
+    reports = {}
+    for name, data, mask in (
+        ("padded", padded, None),
+        ("unpadded", unpadded, None),
+        ("unmasked", padded, False),
+    ):
+        reports[name] = optimize(
+            source,
+            tmp_path / f"{name}.onnx",
+            ["lowrank"],
+            options=options,
+            data=data,
+            validate=False,
+            mask_input=mask,
+        )
+    padded_factors, unpadded_factors = (
+        _factors(tmp_path / f"{n}.onnx") for n in ("padded", "unpadded")
+    )
+    assert padded_factors.keys() == unpadded_factors.keys() and padded_factors
+    for name, values in padded_factors.items():
+        np.testing.assert_allclose(values, unpadded_factors[name], rtol=1e-3, atol=1e-4)
+    unmasked = _factors(tmp_path / "unmasked.onnx")
+    assert any(not np.allclose(unmasked[n], v, rtol=1e-2) for n, v in padded_factors.items())
+    assert "attention_mask" in reports["padded"].calibration_mask
+    assert reports["unmasked"].calibration_mask is None
+    assert reports["padded"].to_dict()["calibration_mask"] == reports["padded"].calibration_mask
+
+
+def test_cli_reports_the_mask_and_turns_it_off(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "tokens.onnx"
+    onnx.save(token_model(), source)
+    data = _folder(tmp_path, padded_feeds(sentences(), 4, 16), "padded")
+    args = ["optimize", str(source), str(tmp_path / "q.onnx"), "--passes", "quant"]
+    code, out, _ = run_cli([*args, "--calib-data", str(data), "--no-validate"], capsys)
+    assert code == 0 and "calibration mask attention_mask:" in out
+    code, out, _ = run_cli(
+        [*args, "--calib-data", str(data), "--no-validate", "--mask-input", "none"], capsys
+    )
+    assert code == 0 and "calibration mask" not in out
+    code, _, err = run_cli([*args, "--calib-data", str(data), "--mask-input", "input_idz"], capsys)
+    assert code == 2 and "--mask-input input_idz: not a model input" in err
