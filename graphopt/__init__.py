@@ -57,6 +57,8 @@ _EXPORTS: dict[str, str] = {
     "PassResult": "graphopt.passkit.api",
     "plan_order": "graphopt.passkit.manager",
     "PlanError": "graphopt.errors",
+    "record_feeds": "graphopt.data.capture",
+    "CaptureSummary": "graphopt.data.capture",
     "run_gate": "graphopt.check.gate",
     "save_model": "graphopt.ir.model",
     "synthesize": "graphopt.data.feeds",
@@ -96,6 +98,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         agreement,
         compare_models,
     )
+    from graphopt.data.capture import CaptureSummary, record_feeds
     from graphopt.data.feeds import (
         Feeds,
         open_data,
@@ -128,6 +131,7 @@ __all__ = [
     "BarCosine",
     "BisectReport",
     "Budget",
+    "CaptureSummary",
     "Criteria",
     "DataError",
     "Feeds",
@@ -168,6 +172,7 @@ __all__ = [
     "optimize",
     "parse_input_shapes",
     "plan_order",
+    "record_feeds",
     "run_gate",
     "save_model",
     "sweep",

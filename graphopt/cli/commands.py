@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -41,6 +40,14 @@ from graphopt import __version__
 from graphopt.check.gate import run_gate
 from graphopt.check.localize import TensorComparison, compare_tensors, first_divergence
 from graphopt.check.validate import Criteria, ValidationReport
+from graphopt.cli.capture import capture_command
+from graphopt.cli.logs import (
+    DEBUG_HELP,
+    LOGGER_NAMES,
+    VERBOSE_HELP,
+    logging_flags,
+    setup_logging,
+)
 from graphopt.cli.progress import ProgressDisplay
 from graphopt.data.feeds import (
     check_input_shapes,
@@ -112,46 +119,13 @@ def _sci(value: float | None) -> str:
     return "-" if value is None else f"{value:.2e}"
 
 
-LOGGER_NAMES = ("graphopt", "passes")
-
-
-def _setup_logging(verbose: int, debug: bool) -> None:
-    level = logging.DEBUG if debug or verbose >= 2 else logging.INFO if verbose else logging.WARNING
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    for name in LOGGER_NAMES:
-        logger = logging.getLogger(name)
-        logger.handlers[:] = [handler]
-        logger.setLevel(level)
-        logger.propagate = False
-    G_LOGGER.severity = G_LOGGER.ERROR if not debug else G_LOGGER.WARNING
-
-
-_VERBOSE_HELP = "-v: log every skipped candidate; -vv: debug."
-_DEBUG_HELP = "Show tracebacks and debug logs."
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="graphopt")
-@click.option("-v", "--verbose", count=True, help=_VERBOSE_HELP)
-@click.option("--debug", is_flag=True, help=_DEBUG_HELP)
+@click.option("-v", "--verbose", count=True, help=VERBOSE_HELP)
+@click.option("--debug", is_flag=True, help=DEBUG_HELP)
 def cli(verbose: int, debug: bool) -> None:
     """graphopt: optimize ONNX models and validate them against the original."""
-    _setup_logging(verbose, debug)
-
-
-def _logging_flags(command: Callable[..., int]) -> Callable[..., int]:
-    """Rule 2: ``-v``/``--debug`` after a subcommand too, added to the group's."""
-
-    @functools.wraps(command)
-    def run(*args: Any, sub_verbose: int, sub_debug: bool, **kwargs: Any) -> int:
-        group = click.get_current_context().find_root().params
-        verbose = int(group.get("verbose") or 0) + sub_verbose
-        _setup_logging(verbose, bool(group.get("debug")) or sub_debug)
-        return command(*args, **kwargs)
-
-    run = click.option("--debug", "sub_debug", is_flag=True, help=_DEBUG_HELP)(run)
-    return click.option("-v", "--verbose", "sub_verbose", count=True, help=_VERBOSE_HELP)(run)
+    setup_logging(verbose, debug)
 
 
 def _load_recipe(path: Path | None) -> tuple[list[str], dict[str, dict[str, Any]], str | None]:
@@ -389,7 +363,7 @@ _MASK_INPUT_HELP = (
 
 
 @cli.command("optimize")
-@_logging_flags
+@logging_flags
 @click.argument("input_model", type=click.Path(path_type=Path, dir_okay=False))
 @click.argument("output_model", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--passes", "passes_text", help="Comma-separated set of passes, e.g. cleanup,quant.")
@@ -581,7 +555,7 @@ def _check_writable(*paths: Path | None) -> None:
 
 
 @cli.command("check")
-@_logging_flags
+@logging_flags
 @click.argument("reference", type=click.Path(path_type=Path, dir_okay=False))
 @click.argument("candidate", type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
@@ -738,7 +712,7 @@ def check_command(
 
 
 @cli.command("tune")
-@_logging_flags
+@logging_flags
 @click.argument("input_model", type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
     "--calib-data",
@@ -897,7 +871,7 @@ def _print_tune(result: TuneResult) -> None:
 
 
 @cli.command("passes")
-@_logging_flags
+@logging_flags
 def passes_command() -> int:
     """List every pass with its options, defaults and help."""
     for name in available_pass_names():
@@ -920,7 +894,7 @@ def passes_command() -> int:
 
 
 @cli.command("inspect")
-@_logging_flags
+@logging_flags
 @click.argument("model_path", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect_command(model_path: Path, as_json: bool) -> int:
@@ -958,6 +932,9 @@ def inspect_command(model_path: Path, as_json: bool) -> int:
     click.echo("ops:")
     click.echo(_table(["op", "count"], [[op, str(n)] for op, n in summary.op_histogram.items()]))
     return EXIT_OK
+
+
+cli.add_command(capture_command, "capture")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -340,7 +340,6 @@ def test_tune_accepts_debug_after_the_subcommand(
 def test_verbose_after_the_subcommand_sets_the_same_level_as_before_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import graphopt.cli.commands as cli_module
 
     args = _subcommands(tmp_path)["optimize"]
     _, _, before = run_cli(["-v", *args], capsys)
@@ -348,14 +347,16 @@ def test_verbose_after_the_subcommand_sets_the_same_level_as_before_it(
     _, _, quiet = run_cli(args, capsys)
     assert "INFO graphopt" in before and "INFO graphopt" in after
     assert "INFO" not in quiet
+    import graphopt.cli.logs as logs_module
+
     levels: list[tuple[int, bool]] = []
-    setup = cli_module._setup_logging
+    setup = logs_module.setup_logging
 
     def recorded(verbose: int, debug: bool) -> None:
         levels.append((verbose, debug))
         setup(verbose, debug)
 
-    monkeypatch.setattr(cli_module, "_setup_logging", recorded)
+    monkeypatch.setattr(logs_module, "setup_logging", recorded)
     assert run_cli(["-v", "passes", "-v", "--debug"], capsys)[0] == 0
     assert levels[-1] == (2, True), "counts add up across the group and the subcommand"
 
