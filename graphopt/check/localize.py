@@ -8,8 +8,9 @@ Rules:
    output, on the first ``max_batches`` feeds only (all intermediate tensors of a batch are held
    at once, so this is a debugging tool, not a streaming one).
 3. Each tensor is judged like an output (:mod:`graphopt.check.validate`: with per-channel
-   criteria, the worst channel counts too, and the row says which). Rows come back in the
-   reference's node order, so the first row below the budget is where error starts.
+   criteria, the worst channel counts too, and the row says which; a batch's sample count is
+   read on the reference's batch axes). Rows come back in the reference's node order, so the
+   first row below the budget is where error starts.
 4. Models are loaded from memory, their external data read in place from their own folder:
    nothing is written anywhere (the models' folders may be read-only).
 """
@@ -23,7 +24,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from graphopt.check.validate import Criteria, MetricAccumulator, ModelSource, sample_count
+from graphopt.check.validate import (
+    Criteria,
+    MetricAccumulator,
+    ModelSource,
+    input_batch_axes,
+    sample_count,
+)
 from graphopt.data.feeds import Feeds
 from graphopt.ir.ort import InMemoryModel, make_session
 
@@ -99,12 +106,13 @@ def compare_tensors(
     accumulators = {name: MetricAccumulator(name, provider, judge, 0) for name in names}
     ref_session = make_session(_with_outputs(reference, names), provider, optimize=False)
     cand_session = make_session(_with_outputs(candidate, names), provider, optimize=False)
+    axes = input_batch_axes(ref_session)
     for index, feed in enumerate(feeds):
         if index >= max_batches:
             break
         ref_values = ref_session.run(names, feed)
         cand_values = cand_session.run(names, feed)
-        samples = sample_count(feed)
+        samples = sample_count(feed, axes)
         for name, ref_value, cand_value in zip(names, ref_values, cand_values, strict=True):
             ref_array, cand_array = np.asarray(ref_value), np.asarray(cand_value)
             if ref_array.dtype.kind in "fc" or cand_array.dtype.kind in "fc":

@@ -17,13 +17,20 @@ Rules:
    a. A channel axis is an axis whose size is between :data:`CHANNEL_AXIS_MIN` and
       :data:`CHANNEL_AXIS_MAX` (2 and 256): ``[1, 84, 8400]`` has one (axis 1), ``[B, 10]``
       logits have axis 1. A rank-4 output is an image-like map: only its channel axis
-      counts (axis 1, NCHW, or axis 3 when that one is smaller, NHWC), never its rows and
-      columns: a segmentation or text-probability map's rows are not channels, and a
-      mostly-empty row's cosine is noise. Axis 0 is the samples axis and never a channel axis
-      when its size is the batch's sample count (the leading size of the first batched input)
-      or, where that is unknown, when the output has two or more axes.
+      counts (axis 1, NCHW, or axis 3, NHWC), never its rows and columns: a segmentation or
+      text-probability map's rows are not channels, and a mostly-empty row's cosine is noise.
+      Its channel axis is the one of axes 1 and 3 whose size is the same in every batch while
+      the other's changes (a network's channel count is fixed, its image size is not: a narrow
+      image must not turn columns into channels); otherwise (one batch, or both axes steady
+      or both changing) axis 3 when it is smaller (at the largest sizes seen), else axis 1
+      (:func:`map_channel_axis`). Axis 0 is the samples axis and never a channel axis when its
+      size is the batch's sample count (:func:`sample_count`: the size of the batch axis, rule
+      8 of :mod:`graphopt.data.feeds`, of the first input that has one, so a recurrent state
+      ``[1, batch, 16]`` listed first counts its axis 1) or, where that is unknown, when the
+      output has two or more axes.
    b. Sizes may differ between batches: sums are kept per index and grow as needed; an axis
-      counts in the batches where it is a channel axis.
+      counts in the batches where it is a channel axis. An image-like map's sums are kept on
+      both axes 1 and 3 until the last batch says which one is its channel axis (rule 3a).
    c. A channel is judged once it holds :data:`MIN_CHANNEL_ELEMENTS` finite elements (a slice of
       one element per sample would be an element-wise relative error, which is meaningless near
       zero). A channel whose reference and candidate are both all zero, or both below
@@ -75,7 +82,7 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,7 +90,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from graphopt.data.feeds import Feeds
+from graphopt.data.feeds import ANONYMOUS_DIMS, Feeds, InputSpec, batch_axes
 from graphopt.errors import InputError
 from graphopt.ir.ort import PROVIDER_NAMES, make_session, node_placement
 from graphopt.settings import Settings
@@ -271,6 +278,8 @@ class ValidationReport:
     criteria: Criteria
     comparisons: list[OutputComparison]
     samples: int = 0
+    """Samples compared: each batch's :func:`sample_count` (1 for a batch without a batch
+    axis), added up."""
     placement: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     """For non-CPU providers: execution provider → names of the candidate's nodes it ran."""
 
@@ -350,6 +359,15 @@ class _ChannelSums:
 
 def channel_axes(shape: Sequence[int], samples: int | None) -> list[int]:
     """Rule 3a: the axes of an output of ``shape`` that are sliced into channels."""
+    axes = _sized_axes(shape, samples)
+    if len(shape) == 4:  # an image-like map: its spatial rows and columns are not channels
+        channels = map_channel_axis({1: {shape[1]}, 3: {shape[3]}})
+        axes = [axis for axis in axes if axis in (0, channels)]
+    return axes
+
+
+def _sized_axes(shape: Sequence[int], samples: int | None) -> list[int]:
+    """Rule 3a without the image-map rule: axes of a channel's size, the samples axis left out."""
     axes = []
     for axis, size in enumerate(shape):
         if not CHANNEL_AXIS_MIN <= size <= CHANNEL_AXIS_MAX:
@@ -357,10 +375,17 @@ def channel_axes(shape: Sequence[int], samples: int | None) -> list[int]:
         if axis == 0 and (size == samples if samples is not None else len(shape) >= 2):
             continue
         axes.append(axis)
-    if len(shape) == 4:  # an image-like map: its spatial rows and columns are not channels
-        channels = 1 if shape[1] <= shape[3] else 3
-        axes = [axis for axis in axes if axis in (0, channels)]
     return axes
+
+
+def map_channel_axis(sizes: Mapping[int, Collection[int]]) -> int:
+    """Rule 3a: the channel axis (1 or 3) of an image-like map whose axes 1 and 3 took
+    ``sizes[1]`` and ``sizes[3]`` over the batches: the one whose size never changed while the
+    other's did; otherwise 3 when its largest size is below axis 1's, else 1."""
+    steady = [axis for axis in (1, 3) if len(set(sizes[axis])) == 1]
+    if len(steady) == 1:
+        return steady[0]
+    return 3 if max(sizes[3]) < max(sizes[1]) else 1
 
 
 class MetricAccumulator:
@@ -379,6 +404,10 @@ class MetricAccumulator:
         """Elements finite on both sides: those the figures are computed over."""
         self.non_numeric = False
         self.channels: dict[int, _ChannelSums] = {}
+        self.sliced: list[int] = []
+        """Axes with channel sums, in the order they first appeared (rule 3a)."""
+        self.map_sizes: dict[int, set[int]] = {}
+        """An image-like map's sizes of axes 1 and 3 over the batches (rule 3a)."""
         self.abs_samples: list[np.ndarray] = []
         self.sampled = 0
         self.top1_hits = 0
@@ -410,10 +439,8 @@ class MetricAccumulator:
             result.not_close += 0 if equal else reference.size
             return
         shape = tuple(int(size) for size in reference.shape)
-        axes = channel_axes(shape, samples)
-        for axis in axes:
-            if axis not in result.channel_axes:
-                result.channel_axes.append(axis)
+        axes = self._axes_to_slice(shape, samples)
+        self.sliced += [axis for axis in axes if axis not in self.sliced]
         flat_ref, flat_cand = reference.reshape(-1), candidate.reshape(-1)
         for start in range(0, flat_ref.size, _METRIC_CHUNK):  # small float64 copies
             stop = start + _METRIC_CHUNK
@@ -422,6 +449,22 @@ class MetricAccumulator:
                 self._add_channels(flat_ref[start:stop], flat_cand[start:stop], start, shape, axes)
         if self.logit_like and reference.ndim >= 2 and reference.shape[-1] >= 2:
             self._topk(reference, candidate)
+
+    def _axes_to_slice(self, shape: tuple[int, ...], samples: int | None) -> list[int]:
+        """Rule 3a and 3b: the channel axes of this batch; for an image-like map both axes 1
+        and 3, whose sizes are recorded, until :meth:`finish` knows its channel axis."""
+        if len(shape) != 4:
+            return channel_axes(shape, samples)
+        for axis in (1, 3):
+            self.map_sizes.setdefault(axis, set()).add(shape[axis])
+        return [axis for axis in _sized_axes(shape, samples) if axis in (0, 1, 3)]
+
+    def _channel_axes(self) -> list[int]:
+        """Rule 3a: the axes sliced into channels over all batches, in order of appearance."""
+        if not self.map_sizes:
+            return list(self.sliced)
+        channels = map_channel_axis(self.map_sizes)
+        return [axis for axis in self.sliced if axis in (0, channels)]
 
     def _add_channels(
         self,
@@ -574,7 +617,8 @@ class MetricAccumulator:
     def _finish_channels(self) -> None:
         """Rule 3d: the worst channel cosine and SNR over every channel axis, and where."""
         result = self.result
-        for axis in sorted(self.channels):
+        result.channel_axes = self._channel_axes()
+        for axis in sorted(axis for axis in result.channel_axes if axis in self.channels):
             cosine, snr, judged = self.channels[axis].figures()
             result.channels += int(judged.size)
             if not judged.size:
@@ -701,12 +745,50 @@ def _looks_like_logits(name: str) -> bool:
 ModelSource = str | os.PathLike[str] | onnx.ModelProto
 
 
-def sample_count(feed: Mapping[str, np.ndarray]) -> int | None:
-    """Rule 3a: the batch's sample count, the leading size of its first input with an axis."""
-    for value in feed.values():
-        if np.ndim(value) >= 1:
-            return int(np.shape(value)[0])
+def sample_count(
+    feed: Mapping[str, np.ndarray], axes: Mapping[str, int | None] | None = None
+) -> int | None:
+    """Rule 3a: the batch's sample count: the size of the batch axis of the first input that
+    has one. ``axes``: each input's batch axis (:func:`input_batch_axes`, feeds rule 8); None
+    takes axis 0 of every input with an axis. None when no input has a batch axis."""
+    for name, value in feed.items():
+        axis = 0 if axes is None else axes.get(name, 0)
+        if axis is not None and np.ndim(value) > axis:
+            return int(np.shape(value)[axis])
     return None
+
+
+def input_batch_axes(session: Any) -> dict[str, int | None]:
+    """Each input's batch axis (rule 8 of :mod:`graphopt.data.feeds`) from the shapes an ONNX
+    Runtime session declares for its model's inputs."""
+    specs = [
+        InputSpec(
+            arg.name,
+            _numpy_dtype(arg.type),
+            None if arg.shape is None else tuple(_declared_dim(dim) for dim in arg.shape),
+        )
+        for arg in session.get_inputs()
+    ]
+    return batch_axes(specs)
+
+
+def _declared_dim(dim: object) -> int | str | None:
+    """A declared dimension as :class:`~graphopt.data.feeds.InputSpec` holds it: a size, a
+    symbol, or None for an unknown or anonymous one."""
+    if isinstance(dim, int) and dim >= 0:
+        return dim
+    if isinstance(dim, str) and dim and dim not in ANONYMOUS_DIMS:
+        return dim
+    return None
+
+
+def _numpy_dtype(ort_type: str) -> np.dtype:
+    """numpy's dtype for ONNX Runtime's ``tensor(float)``; object for what numpy lacks."""
+    name = ort_type.removeprefix("tensor(").removesuffix(")").upper()
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.DataType.Value(name)))
+    except (KeyError, TypeError, ValueError):
+        return np.dtype(object)
 
 
 class _ReferenceOutputs:
@@ -761,11 +843,11 @@ def _run_reference(
     feeds: Feeds,
     stored: _ReferenceOutputs,
     settings: Settings,
-) -> tuple[list[str], str | None]:
+) -> tuple[list[str], dict[str, int | None], str | None]:
     """Run the reference over every batch, store its outputs, free it.
 
-    Returns the output names, and why it did not run on ``provider`` (rule 8), if so; then
-    nothing ran.
+    Returns the output names, each input's batch axis (rule 3a) and why it did not run on
+    ``provider`` (rule 8), if so; then nothing ran.
     """
     try:
         session = _session(reference, provider, settings)
@@ -774,6 +856,7 @@ def _run_reference(
             f"the reference model does not load in onnxruntime ({provider}): {_first_line(error)}"
         ) from error
     names = [o.name for o in session.get_outputs()]
+    axes = input_batch_axes(session)
     problem = _provider_problem(session, provider, "reference")
     for batch_index, feed in enumerate([] if problem else feeds):
         try:
@@ -786,7 +869,7 @@ def _run_reference(
         stored.save(batch_index, outputs)
         del outputs
     del session
-    return names, problem
+    return names, axes, problem
 
 
 def _session(model: ModelSource, provider: str, settings: Settings) -> Any:
@@ -814,6 +897,8 @@ class _ProviderRun:
 
     comparisons: list[OutputComparison]
     samples: int = 0
+    """Samples compared: each batch's :func:`sample_count` (1 for a batch without a batch
+    axis), added up."""
     candidate_ran: bool = False
 
 
@@ -829,7 +914,7 @@ def _compare_on(
     settings: Settings,
 ) -> _ProviderRun:
     """Both models on one provider, the reference's outputs kept in ``stored`` (rules 1, 7, 8)."""
-    ref_names, problem = _run_reference(reference, provider, feeds, stored, settings)
+    ref_names, axes, problem = _run_reference(reference, provider, feeds, stored, settings)
     if problem:
         return _ProviderRun(_errors(ref_names, provider, "provider", problem))
     try:
@@ -856,14 +941,13 @@ def _compare_on(
             run.candidate_ran = False
             break
         ref_out = stored.load(batch_index, positions)
-        batch_samples = sample_count(feed)
+        batch_samples = sample_count(feed, axes)
         for name, ref_value, cand_value in zip(common, ref_out, cand_out, strict=True):
             accumulators[name].add(
                 np.asarray(ref_value), np.asarray(cand_value), samples=batch_samples
             )
         del ref_out, cand_out
-        first = next(iter(feed.values()))
-        run.samples += int(first.shape[0]) if first.ndim else 1
+        run.samples += 1 if batch_samples is None else batch_samples
         if on_batch is not None:
             on_batch(batch_index)
     del cand_session

@@ -215,6 +215,13 @@ class TensorStats:
         if rows.dtype.itemsize < 4:  # float16 products would overflow
             rows = rows.astype(np.float32)
         rows = np.where(np.isfinite(rows) & (np.abs(rows) < MASK_MAGNITUDE), rows, 0.0)
+        known = (self.channel_absmax, self.channel_sumsq, self.gram, *self._row_buffer[:1])
+        seen = next((values.shape[-1] for values in known if values is not None), None)
+        if seen is not None and seen != rows.shape[1]:
+            raise DataError(
+                f"calibration: {self.name} has {rows.shape[1]} channels on axis {axis} in one "
+                f"feed and {seen} in another; per-channel statistics need a fixed channel axis"
+            )
         self.rows += rows.shape[0]
         if request.channel_absmax:
             peak = np.abs(rows).max(axis=0)

@@ -265,13 +265,19 @@ class Feeds:
             mask_input=name,
         )
 
+    def samples_in(self, feed: Mapping[str, np.ndarray]) -> int:
+        """Samples in one feed: the size of the batch axis (rule 8) of the first input that has
+        one; 1 when no input has a batch axis."""
+        axes = batch_axes(list(self._specs.values()))
+        for name, array in feed.items():
+            axis = axes.get(name)
+            if axis is not None and np.ndim(array) > axis:
+                return int(np.shape(array)[axis])
+        return 1
+
     def count_samples(self) -> int:
-        """Samples (rows along axis 0 of the first input) over all feeds."""
-        total = 0
-        for feed in self:
-            first = next(iter(feed.values()))
-            total += int(first.shape[0]) if first.ndim else 1
-        return total
+        """Samples over all feeds (:meth:`samples_in`)."""
+        return sum(self.samples_in(feed) for feed in self)
 
 
 def check_feed(

@@ -414,7 +414,7 @@ def skeleton_proto(model: Model) -> onnx.ModelProto:
     proto.CopyFrom(model.shell)
     proto.graph.CopyFrom(proto_graph)
     exported_domains = [
-        helper.make_opsetid(d.domain, d.version) for d in graph.import_domains or []
+        helper.make_opsetid(d.domain, d.version) for d in update_import_domains(graph)
     ]
     del proto.opset_import[:]
     proto.opset_import.extend(_merge_opsets(model.shell.opset_import, exported_domains))

@@ -295,3 +295,13 @@ def test_cli_reports_the_mask_and_turns_it_off(
     assert code == 0 and "calibration mask" not in out
     code, _, err = run_cli([*args, "--calib-data", str(data), "--mask-input", "input_idz"], capsys)
     assert code == 2 and "--mask-input input_idz: not a model input" in err
+
+
+def test_per_channel_statistics_refuse_a_channel_count_that_changes() -> None:
+    from graphopt.data.calibration import TensorStats
+
+    stats = TensorStats("t")
+    request = StatRequest("t", channel_absmax=True, gram=True)
+    stats.update(np.ones((2, 4), np.float32), request)
+    with pytest.raises(DataError, match="t has 3 channels on axis -1 in one feed and 4"):
+        stats.update(np.ones((2, 3), np.float32), request)
