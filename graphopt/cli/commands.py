@@ -80,7 +80,7 @@ from graphopt.tuning.search import TuneResult, tune
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 """128 + the signal's number, as shells report a process killed by SIGINT / SIGTERM."""
-_RECIPE_KEYS = frozenset({"passes", "options", "order"})
+_RECIPE_KEYS = frozenset({"passes", "options", "order", "mask_input"})
 _ORDERS = ("planned", "given")
 
 
@@ -128,10 +128,11 @@ def cli(verbose: int, debug: bool) -> None:
     setup_logging(verbose, debug)
 
 
-def _load_recipe(path: Path | None) -> tuple[list[str], dict[str, dict[str, Any]], str | None]:
-    """A recipe's passes, options and order (``planned`` or ``given``; None when not set)."""
+def _load_recipe(path: Path | None) -> Recipe:
+    """A recipe's passes, options, order (``planned`` or ``given``; None when not set) and
+    mask input (a name or ``none``, as ``--mask-input``; tune writes it when it was given)."""
     if path is None:
-        return [], {}, None
+        return Recipe([], {}, None, None)
     try:
         text = path.read_text()
     except OSError as error:
@@ -148,7 +149,8 @@ def _load_recipe(path: Path | None) -> tuple[list[str], dict[str, dict[str, Any]
     unknown = sorted(set(recipe) - _RECIPE_KEYS)
     if unknown:
         raise InputError(
-            f"recipe {path}: unknown key '{unknown[0]}' (allowed: passes, options, order)"
+            f"recipe {path}: unknown key '{unknown[0]}' "
+            "(allowed: passes, options, order, mask_input)"
         )
     passes = recipe.get("passes", [])
     options = recipe.get("options", {}) or {}
@@ -159,7 +161,20 @@ def _load_recipe(path: Path | None) -> tuple[list[str], dict[str, dict[str, Any]
     order = recipe.get("order")
     if order is not None and order not in _ORDERS:
         raise InputError(f"recipe {path}: 'order' must be one of {', '.join(_ORDERS)}")
-    return passes, {str(k): dict(v) for k, v in options.items()}, order
+    mask_input = recipe.get("mask_input")
+    if mask_input is not None and not isinstance(mask_input, str):
+        raise InputError(f"recipe {path}: 'mask_input' must be an input name or 'none'")
+    return Recipe(passes, {str(k): dict(v) for k, v in options.items()}, order, mask_input)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """What a ``--recipe`` file sets (:func:`_load_recipe`)."""
+
+    passes: list[str]
+    options: dict[str, dict[str, Any]]
+    order: str | None
+    mask_input: str | None
 
 
 def _split_names(text: str | None) -> list[str]:
@@ -466,12 +481,12 @@ def optimize_command(
     OUTPUT_MODEL (and OUTPUT_MODEL.data) are replaced if they exist, once the new output is
     complete and validated; on an error or interrupt they are left as they were.
     """
-    recipe_passes, recipe_options, recipe_order = _load_recipe(recipe)
-    order = "given" if keep_order else recipe_order or "planned"
-    names = list(dict.fromkeys(recipe_passes + _split_names(passes_text)))
+    loaded = _load_recipe(recipe)
+    order = "given" if keep_order else loaded.order or "planned"
+    names = list(dict.fromkeys(loaded.passes + _split_names(passes_text)))
     if not names:
         raise InputError("no passes given: use --passes (see 'graphopt passes') or --recipe")
-    options = recipe_options
+    options = loaded.options
     for pass_name, values in parse_option_assignments(assignments).items():
         options.setdefault(pass_name, {}).update(values)
     provider_names = resolve_providers(_split_names(providers) or ["cpu"])
@@ -534,7 +549,7 @@ def optimize_command(
             report_path=report_path,
             settings=settings,
             order=order,
-            mask_input=_mask_input(mask_input_text),
+            mask_input=_mask_input(mask_input_text or loaded.mask_input),
         )
     _print_report(report)
     return EXIT_OK if report.passed else EXIT_FAILED
@@ -774,6 +789,7 @@ def check_command(
 @click.option("--latency-runs", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @_input_shapes_option
+@click.option("--mask-input", "mask_input_text", metavar="NAME|none", help=_MASK_INPUT_HELP)
 @_threads_option
 def tune_command(
     input_model: Path,
@@ -791,6 +807,7 @@ def tune_command(
     latency_runs: int,
     seed: int,
     input_shapes_text: tuple[str, ...],
+    mask_input_text: str | None,
     threads: int | None,
 ) -> int:
     """Search passes and options for the best model meeting --min-cosine (exit 1: none does)."""
@@ -847,6 +864,7 @@ def tune_command(
         latency_runs=latency_runs,
         on_event=on_event,
         settings=settings,
+        mask_input=_mask_input(mask_input_text),
     )
     _print_tune(result)
     return EXIT_OK if result.passed else EXIT_FAILED

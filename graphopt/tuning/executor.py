@@ -80,6 +80,8 @@ class EvaluationTask:
     validate: bool = True
     settings: Settings | None = None
     """How the build and validation use the machine (None: ``GRAPHOPT_*`` in the worker)."""
+    mask_input: str | bool | None = None
+    """The calibration data's padding mask input (:func:`graphopt.optimize`'s ``mask_input``)."""
 
 
 def evaluate_task(task: EvaluationTask) -> Evaluation:
@@ -105,6 +107,7 @@ def evaluate_task(task: EvaluationTask) -> Evaluation:
             batch_size=task.batch_size,
             seed=task.seed,
             settings=task.settings,
+            mask_input=task.mask_input,
         )
     except GraphoptError as error:
         evaluation.status, evaluation.error = "error", _first_line(error)

@@ -627,6 +627,7 @@ def tune(
     latency_runs: int = 20,
     on_event: EventHook | None = None,
     settings: Settings | None = None,
+    mask_input: str | bool | None = None,
 ) -> TuneResult:
     """Search, evaluate, choose and write the outputs (module rules). Raises InputError on bad
     input; returns a result whose ``chosen`` is None when nothing meets the bar.
@@ -644,6 +645,10 @@ def tune(
     ``settings`` (:class:`~graphopt.settings.Settings`; None reads ``GRAPHOPT_*``) reach every
     candidate's build and validation and the latency measurements; the fields that change a
     result (the ONNX Runtime levels) are part of the cache keys.
+
+    ``mask_input``: the calibration data's padding mask (:func:`graphopt.optimize`: None finds
+    an attention mask, False turns masking off); when given, it is part of the cache keys and
+    of ``recipe.json``.
     """
     settings = Settings.from_env() if settings is None else settings
     started = time.perf_counter()
@@ -668,6 +673,7 @@ def tune(
         "graphopt": __version__,
         "gated_statistic": GATED_STATISTIC,
         **_non_default(settings, "validation_ort_level"),
+        **({} if mask_input is None else {"mask_input": mask_input}),
     }
     cache = TuneCache(inputs.folder)
     owned = executor is None
@@ -702,6 +708,7 @@ def tune(
         original_bytes=inputs.original_bytes,
         emit=emit,
         settings=settings,
+        mask_input=mask_input,
     )
     latency = _Latency(
         source=inputs.source,
@@ -930,6 +937,7 @@ class _Search:
     original_bytes: int
     emit: EventHook
     settings: Settings = field(default_factory=Settings)
+    mask_input: str | bool | None = None
     trials: list[Trial] = field(default_factory=list)
     evaluated: int = 0
     cached_count: int = 0
@@ -965,6 +973,7 @@ class _Search:
             keep_above=keep_above,
             validate=validate,
             settings=self.settings,
+            mask_input=self.mask_input,
         )
 
     def keep_above(self) -> float:
@@ -1270,7 +1279,10 @@ def _write_outputs(result: TuneResult, search: _Search) -> None:
         else:
             remove_model(best)
             search.materialize(chosen, best)
-        write_text_atomic(recipe, canonical_json_pretty(chosen.candidate.to_dict()))
+        recipe_fields = chosen.candidate.to_dict()
+        if search.mask_input is not None:  # optimize --recipe rebuilds with the same mask
+            recipe_fields["mask_input"] = search.mask_input or "none"
+        write_text_atomic(recipe, canonical_json_pretty(recipe_fields))
         result.files["best"] = str(best)
         result.files["recipe"] = str(recipe)
     keep = {t.key[:24] for t in (*result.size_front, *result.latency_front)}

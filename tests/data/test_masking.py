@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -53,8 +54,8 @@ def token_model(mask_name: str = "attention_mask") -> onnx.ModelProto:
         ],
         [
             weight("E", (VOCAB, HIDDEN), 0),
-            weight("W1", (HIDDEN, 16), 1),
-            weight("W2", (16, 8), 2),
+            weight("W1", (HIDDEN, 64), 1),
+            weight("W2", (64, 8), 2),
             *ints,
         ],
     )
@@ -305,3 +306,46 @@ def test_per_channel_statistics_refuse_a_channel_count_that_changes() -> None:
     stats.update(np.ones((2, 4), np.float32), request)
     with pytest.raises(DataError, match="t has 3 channels on axis -1 in one feed and 4"):
         stats.update(np.ones((2, 3), np.float32), request)
+
+
+def test_tune_passes_the_mask_to_every_build_and_into_the_recipe(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from graphopt.tuning.search import tune
+
+    source = tmp_path / "tokens.onnx"
+    onnx.save(token_model(), source)
+    data = _folder(tmp_path, padded_feeds(sentences(24), 4, 16), "padded")
+    results = {}
+    for label, mask in (("auto", None), ("off", False)):
+        results[label] = tune(
+            source,
+            tmp_path / label,
+            calib_data=data,
+            passes=["lowrank"],
+            budget=2,
+            workers=0,
+            min_cosine=0.01,
+            options={"lowrank": {"min_size": 1, "rank": 4}},
+            mask_input=mask,
+        )
+    auto, off = results["auto"], results["off"]
+    assert [t.key for t in auto.trials] != [t.key for t in off.trials]  # the mask is in the key
+    recipe = json.loads(Path(off.files["recipe"]).read_text())
+    assert recipe["mask_input"] == "none"
+    assert "mask_input" not in json.loads(Path(auto.files["recipe"]).read_text())
+    rebuilt = tmp_path / "rebuilt.onnx"
+    code, out, _ = run_cli(
+        [
+            "optimize",
+            str(source),
+            str(rebuilt),
+            "--recipe",
+            off.files["recipe"],
+            "--calib-data",
+            str(data),
+            "--no-validate",
+        ],
+        capsys,
+    )
+    assert code == 0 and "calibration mask" not in out
