@@ -159,9 +159,10 @@ def optimize(
     ``settings``: how the run uses the machine (:class:`~graphopt.settings.Settings`: threads,
     calibration memory budgets, the validation sessions' ONNX Runtime level); the passes get it
     as ``context.settings``. None reads the ``GRAPHOPT_*`` variables (``Settings.from_env``).
-    ``mask_input``: the input marking padding positions in the calibration data, whose
-    statistics then count valid positions only (:mod:`graphopt.data.masking`); None finds an
-    attention mask by name and values, False turns masking off.
+    ``mask_input``: the input marking padding positions in the data: calibration statistics and
+    validation then count valid positions only (:mod:`graphopt.data.masking`,
+    :mod:`graphopt.check.validate` rule 9); None finds an attention mask by name and values,
+    False turns masking off.
     """
     emit = on_event or (lambda _kind, _info: None)
     source, target = Path(input_path), Path(output_path)
@@ -199,7 +200,7 @@ def optimize(
     probe = validate or not all(item.exact for item in pass_objects)
     feeds, batches = _feeds_for(model, data, batch_size, seed, source, input_shapes, probe=probe)
     emit("data", {"description": feeds.description, "synthetic": feeds.synthetic})
-    mask = _calibration_mask(model, feeds, mask_input)
+    mask = _padding_mask(model, feeds, mask_input)
     if mask is not None:
         feeds = feeds.with_mask_input(mask.input)
         emit("mask", {"description": mask.describe()})
@@ -209,6 +210,9 @@ def optimize(
             model, validation_data, batch_size, seed, source, None
         )
         emit("validation-data", {"description": check_feeds.description})
+        validation_mask = _padding_mask(model, check_feeds, mask_input)
+        if validation_mask is not None:
+            check_feeds = check_feeds.with_mask_input(validation_mask.input)
 
     started = time.perf_counter()
     context = PassContext(
@@ -406,11 +410,12 @@ def _feeds_for(
     return open_checked(data, specs, batch_size=batch_size)
 
 
-def _calibration_mask(
+def _padding_mask(
     model: Model, feeds: Feeds, requested: str | bool | None
 ) -> MaskSummary | None:
-    """Which input marks padding in the calibration data (module :mod:`graphopt.data.masking`);
-    a mask named for synthesized data is ignored, with a warning."""
+    """Which input marks padding in ``feeds`` (:mod:`graphopt.data.masking`): calibration
+    statistics and validation then count valid positions only; a mask named for synthesized
+    data is ignored, with a warning."""
     if feeds.synthetic:
         if isinstance(requested, str):
             logger.warning("--mask-input %s ignored: the data is synthesized", requested)

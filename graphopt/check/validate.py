@@ -74,6 +74,11 @@ Rules:
    are the detail of the ``finite`` check, and cosine and SNR are not judged. Search code that
    needs a number (:attr:`OutputComparison.agreement`) reads such a comparison as the worst
    agreement (cosine -1, SNR -inf), or as perfect when it passed (equal string outputs).
+9. Padding: when the feeds name a mask input (``Feeds.mask_input``), an output laid out
+   [batch, sequence, …] (or sequence-first, or flattened; decided per output as calibration
+   does, :mod:`graphopt.data.masking` rule 4) is compared at its valid positions only, as
+   ``[valid, …]`` with the valid positions as its samples: what a padded position holds is
+   not used by anyone, and calibration does not fit it. Other outputs are compared whole.
 """
 
 from __future__ import annotations
@@ -85,12 +90,13 @@ import tempfile
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
 
 from graphopt.data.feeds import ANONYMOUS_DIMS, Feeds, InputSpec, batch_axes
+from graphopt.data.masking import Layout, LayoutDecision, RunMask, run_mask
 from graphopt.errors import InputError
 from graphopt.ir.ort import PROVIDER_NAMES, make_session, node_placement
 from graphopt.settings import Settings
@@ -758,6 +764,35 @@ def sample_count(
     return None
 
 
+class PaddingFilter:
+    """Rule 9: outputs at valid positions only, when the feeds name a mask input."""
+
+    def __init__(self, mask_input: str | None) -> None:
+        self.mask_input = mask_input
+        self.decisions: dict[str, LayoutDecision] = {}
+
+    def mask_of(self, feed: Mapping[str, np.ndarray]) -> RunMask | None:
+        return run_mask(feed, self.mask_input)
+
+    def kept(
+        self,
+        name: str,
+        mask: RunMask | None,
+        reference: np.ndarray,
+        candidate: np.ndarray,
+        samples: int | None,
+    ) -> tuple[np.ndarray, np.ndarray, int | None]:
+        """Both values at the valid positions (and their count as the samples), or whole."""
+        if mask is None or reference.shape != candidate.shape:
+            return reference, candidate, samples
+        decision = self.decisions.setdefault(name, LayoutDecision())
+        kept = decision.apply(mask, reference, None)
+        if not kept.dropped:
+            return reference, candidate, samples
+        other = mask.select(candidate, cast(Layout, decision.decided), None).value
+        return kept.value, other, int(kept.value.shape[0])
+
+
 def input_batch_axes(session: Any) -> dict[str, int | None]:
     """Each input's batch axis (rule 8 of :mod:`graphopt.data.feeds`) from the shapes an ONNX
     Runtime session declares for its model's inputs."""
@@ -929,6 +964,7 @@ def _compare_on(
     common = [name for name in ref_names if name in cand_names]
     positions = [ref_names.index(name) for name in common]
     accumulators = {name: MetricAccumulator(name, provider, criteria, seed) for name in common}
+    padding = PaddingFilter(getattr(feeds, "mask_input", None))
     run = _ProviderRun([], candidate_ran=bool(common))
     for batch_index, feed in enumerate(feeds if common else []):
         try:
@@ -942,10 +978,12 @@ def _compare_on(
             break
         ref_out = stored.load(batch_index, positions)
         batch_samples = sample_count(feed, axes)
+        mask = padding.mask_of(feed)
         for name, ref_value, cand_value in zip(common, ref_out, cand_out, strict=True):
-            accumulators[name].add(
-                np.asarray(ref_value), np.asarray(cand_value), samples=batch_samples
+            ref_kept, cand_kept, samples = padding.kept(
+                name, mask, np.asarray(ref_value), np.asarray(cand_value), batch_samples
             )
+            accumulators[name].add(ref_kept, cand_kept, samples=samples)
         del ref_out, cand_out
         run.samples += 1 if batch_samples is None else batch_samples
         if on_batch is not None:

@@ -56,6 +56,7 @@ from graphopt.data.feeds import (
     parse_input_shapes,
     synthesize_runnable,
 )
+from graphopt.data.masking import resolve_mask_input
 from graphopt.errors import GraphoptError, InputError, PassError
 from graphopt.ir.files import (
     ENVIRONMENT_ERRNOS,
@@ -373,7 +374,8 @@ _WHOLE_TENSOR_HELP = (
 
 _MASK_INPUT_HELP = (
     "Input whose 0/1 values mark padding positions ([batch, sequence]); calibration statistics "
-    "count valid positions only. Default: an input named like an attention mask; none: off."
+    "and validation count valid positions only. Default: an input named like an attention "
+    "mask; none: off."
 )
 
 
@@ -509,7 +511,7 @@ def optimize_command(
         elif kind == "validation-data":
             click.echo(f"validation data: {info['description']}")
         elif kind == "mask":
-            click.echo(f"calibration {info['description']}")
+            click.echo(info["description"])
         elif kind in _STEP_BOUNDARIES:
             progress.finish()
             if kind == "pass-start":
@@ -628,6 +630,7 @@ def _check_writable(*paths: Path | None) -> None:
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @_input_shapes_option
+@click.option("--mask-input", "mask_input_text", metavar="NAME|none", help=_MASK_INPUT_HELP)
 @_tmp_dir_option
 @_threads_option
 @_validation_level_option
@@ -652,6 +655,7 @@ def check_command(
     junit_path: Path | None,
     seed: int,
     input_shapes_text: tuple[str, ...],
+    mask_input_text: str | None,
     tmp_dir: Path | None,
     threads: int | None,
     validation_ort_level: str | None,
@@ -700,6 +704,10 @@ def check_command(
             check_input_shapes(specs, input_shapes)
             click.secho("WARNING: --input-shapes is ignored with --data", fg="yellow", err=True)
         feeds, _ = open_checked(data, specs, batch_size=batch_size)
+        mask = resolve_mask_input(feeds, specs, _mask_input(mask_input_text))
+        if mask is not None:
+            feeds = feeds.with_mask_input(mask.input)
+            click.echo(mask.describe())
     del reference_model
     report = run_gate(
         reference,

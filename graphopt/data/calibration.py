@@ -14,10 +14,11 @@ Rules:
    unquantizable with its reason; a tensor with no finite value at all likewise.
 5. Ranges for quantization come from :func:`calibrated_range` with one of four calibrators:
    ``minmax``, ``percentile``, ``entropy`` (KL divergence, as TensorRT) or ``mse``.
-6. Memory is bounded on large models. Before the first batch of each distinct shape (inputs'
-   shapes after axis 0: sequence lengths and image sizes may vary from feed to feed), one sample
-   is run to measure the bytes a sample's requested outputs take; when a batch's outputs would
-   exceed
+6. Memory is bounded on large models. Before the first batch, one sample is run to measure the
+   bytes a sample's requested outputs take; sequence lengths and image sizes may vary from feed
+   to feed, so a feed whose samples hold more input values than every feed measured so far is
+   measured again (outputs grow with inputs; with varying shapes in random order that is a few
+   extra single-sample runs, not one per shape); when a batch's outputs would exceed
    :func:`output_budget` (:data:`OUTPUT_BUDGET_BYTES` unless the run's
    :class:`~graphopt.settings.Settings` set ``calibration_output_bytes``), batches are split along
    axis 0 (statistics do not depend on how samples are grouped, except histogram bin edges).
@@ -29,7 +30,8 @@ Rules:
    settings' validation level: requested tensors keep their names), with the settings' threads.
 8. Padding: when the feeds name a mask input (``Feeds.mask_input``, see
    :mod:`graphopt.data.masking`), every statistic of a tensor laid out [batch, sequence, …] (or
-   sequence-first, or flattened) counts the valid positions only; other tensors are untouched.
+   sequence-first, or flattened; decided per tensor by masking rule 4, with the graph's inferred
+   shapes) counts the valid positions only; other tensors are untouched.
    Each tensor's ``padding`` says how many positions were left out, and one log line sums them.
 """
 
@@ -45,7 +47,7 @@ import numpy as np
 import onnxruntime as ort
 
 from graphopt.data.feeds import Feeds
-from graphopt.data.masking import RunMask, run_mask
+from graphopt.data.masking import LayoutDecision, RunMask, run_mask
 from graphopt.errors import DataError
 from graphopt.ir.model import Model, runnable_model
 from graphopt.ir.ort import make_session
@@ -161,6 +163,8 @@ class TensorStats:
     channel_sumsq: np.ndarray | None = None
     gram: np.ndarray | None = None
     rows: int = 0
+    layout: LayoutDecision = field(default_factory=LayoutDecision, repr=False)
+    """How the padding mask applies to this tensor (rule 8, decided on the first clear run)."""
     _row_buffer: list[np.ndarray] = field(default_factory=list, repr=False)
     _buffered_rows: int = field(default=0, repr=False)
 
@@ -181,7 +185,7 @@ class TensorStats:
         per_channel = request.channel_absmax or request.channel_sumsq or request.gram
         axis: int | None = request.channel_axis if per_channel else None
         if mask is not None:
-            selected = mask.select(values, axis)
+            selected = self.layout.apply(mask, values, axis)
             self.padding += selected.dropped
             self.padded_values += values.size - selected.value.size
             values, axis = selected.value, selected.channel_axis
@@ -284,6 +288,14 @@ def collect(
     merged = merge_requests(requests)
     names = list(merged)
     stats = {name: TensorStats(name) for name in names}
+    mask_input = feeds.mask_input if isinstance(feeds, Feeds) else None
+    if mask_input is not None:
+        tensors = model.graph.tensors()
+        mask_tensor = tensors.get(mask_input)
+        mask_dims = None if mask_tensor is None else mask_tensor.shape
+        for name in names:
+            inferred = tensors[name].shape if name in tensors else None
+            stats[name].layout = LayoutDecision(inferred, mask_dims)
     if not names:
         return stats
     batches = 0
@@ -293,18 +305,16 @@ def collect(
         missing = [name for name in names if name not in available]
         if missing:
             raise ValueError(f"tensors not produced by the graph: {', '.join(missing[:5])}")
-        mask_input = feeds.mask_input if isinstance(feeds, Feeds) else None
-        runs_by_shape: dict[tuple[tuple[str, tuple[int, ...]], ...], int] = {}
+        probed: list[tuple[int, int]] = []  # (input values per sample, samples per run)
         positions = padding = 0
         for index, feed in enumerate(feeds):
             if max_batches is not None and index >= max_batches:
                 break
-            shape_key = _sample_shapes(feed)
-            if shape_key not in runs_by_shape:
-                runs_by_shape[shape_key] = _samples_per_run(
-                    session, names, feed, output_budget(settings)
-                )
-            for part in _split_feed(feed, runs_by_shape[shape_key]):
+            per_run = _known_samples_per_run(probed, feed)
+            if per_run is None:
+                per_run = _samples_per_run(session, names, feed, output_budget(settings))
+                probed.append((_values_per_sample(feed), per_run))
+            for part in _split_feed(feed, per_run):
                 mask = run_mask(part, mask_input)
                 if mask is not None:
                     positions += mask.valid.size
@@ -347,9 +357,19 @@ def _batch_length(feed: Mapping[str, np.ndarray]) -> int | None:
     return length if length is not None and length > 1 else None
 
 
-def _sample_shapes(feed: Mapping[str, np.ndarray]) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """What decides a sample's output size (rule 6): each input's shape after axis 0."""
-    return tuple((name, tuple(np.shape(value))[1:]) for name, value in sorted(feed.items()))
+def _values_per_sample(feed: Mapping[str, np.ndarray]) -> int:
+    """What a sample's output size grows with (rule 6): its input values, all inputs together."""
+    return sum(int(np.prod(np.shape(value)[1:], dtype=np.int64)) for value in feed.values())
+
+
+def _known_samples_per_run(
+    probed: Sequence[tuple[int, int]], feed: Mapping[str, np.ndarray]
+) -> int | None:
+    """Rule 6 without a new probe: the samples per run measured on a feed whose samples were at
+    least as large as this feed's (the smallest such), or None when every probe was smaller."""
+    size = _values_per_sample(feed)
+    larger = [(values, per_run) for values, per_run in probed if values >= size]
+    return min(larger)[1] if larger else None
 
 
 def _split_feed(

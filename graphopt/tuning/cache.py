@@ -5,7 +5,8 @@ Rules:
 1. A candidate's cache key is the sha256 of the canonical JSON (sorted keys, no whitespace) of:
    the input model's content hash (model file plus every external data file it references),
    the calibration and validation data content hashes, the candidate (sorted passes and their
-   options), the batch size, the seed and the graphopt version. Paths, timestamps and the output
+   options), the batch size, the seed, the graphopt version and the calibration mask setting
+   (``auto``, an input name or False; results from before masking carry none). Paths, timestamps and the output
    folder never enter a key, so a rerun anywhere with the same inputs finds its results.
 2. Data content hash: an ``.npz`` file by its arrays (sorted names, dtypes, shapes and bytes:
    re-saving the same arrays gives the same hash); a folder by the sorted names and contents of

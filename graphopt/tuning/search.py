@@ -90,6 +90,7 @@ from graphopt.data.feeds import (
     open_data,
     synthesize_runnable,
 )
+from graphopt.data.masking import resolve_mask_input
 from graphopt.errors import InputError
 from graphopt.ir.model import load_model, model_file_bytes
 from graphopt.ir.normalize import infer_types
@@ -647,8 +648,8 @@ def tune(
     result (the ONNX Runtime levels) are part of the cache keys.
 
     ``mask_input``: the calibration data's padding mask (:func:`graphopt.optimize`: None finds
-    an attention mask, False turns masking off); when given, it is part of the cache keys and
-    of ``recipe.json``.
+    an attention mask, False turns masking off); checked before the search, part of the cache
+    keys, and written to ``recipe.json`` when given.
     """
     settings = Settings.from_env() if settings is None else settings
     started = time.perf_counter()
@@ -665,6 +666,7 @@ def tune(
         batch_size,
         seed=seed,
         input_shapes=input_shapes,
+        mask_input=mask_input,
     )
     context = {
         **inputs.hashes,
@@ -673,7 +675,8 @@ def tune(
         "graphopt": __version__,
         "gated_statistic": GATED_STATISTIC,
         **_non_default(settings, "validation_ort_level"),
-        **({} if mask_input is None else {"mask_input": mask_input}),
+        # padding statistics changed with masking: results from before it are stale
+        "calibration_mask": "auto" if mask_input is None else mask_input,
     }
     cache = TuneCache(inputs.folder)
     owned = executor is None
@@ -795,6 +798,7 @@ def _prepare(
     *,
     seed: int = 0,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    mask_input: str | bool | None = None,
 ) -> _Inputs:
     """Check every input before anything is written (bad input leaves no folder behind)."""
     source, folder = Path(model), Path(out_dir)
@@ -818,6 +822,7 @@ def _prepare(
         logger.warning("no calibration data given: using %s", calib_feeds.description)
     else:
         calib_feeds = _checked_feeds(calib_data, specs, batch_size)
+        resolve_mask_input(calib_feeds, specs, mask_input)  # a bad --mask-input: exit 2 now
     del reference
     try:
         (folder / "candidates").mkdir(parents=True, exist_ok=True)

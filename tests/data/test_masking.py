@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 
 from graphopt.data.calibration import StatRequest, collect
 from graphopt.data.feeds import input_specs, open_data
-from graphopt.data.masking import RunMask, resolve_mask_input, run_mask
+from graphopt.data.masking import LayoutDecision, RunMask, resolve_mask_input, run_mask
 from graphopt.errors import DataError, OptionError
 from graphopt.ir.model import load_model, model_from_proto
 from graphopt.pipeline import optimize
@@ -106,40 +106,71 @@ def _stats(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], mask: str
 # --- layouts (rule 4) ------------------------------------------------------------------------
 
 
+VALID = np.array([[1, 1, 0], [1, 0, 0]], bool)
+
+
+def _seen(value: np.ndarray, axis: int | None = -1, decision: LayoutDecision | None = None):  # type: ignore[no-untyped-def]
+    return (decision or LayoutDecision()).apply(RunMask(VALID), value, axis)
+
+
 def test_batch_first_tensor_keeps_valid_rows() -> None:
-    valid = np.array([[1, 1, 0], [1, 0, 0]], bool)
     value = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
-    selected = RunMask(valid).select(value, -1)
-    np.testing.assert_array_equal(selected.value, value[valid])
+    selected = _seen(value)
+    np.testing.assert_array_equal(selected.value, value[VALID])
     assert selected.dropped == 3 and selected.channel_axis == 1  # [valid, 4]: axis 1
 
 
 def test_sequence_first_and_flattened_layouts_are_masked() -> None:
-    valid = np.array([[1, 1, 0], [1, 0, 0]], bool)
     hidden = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
-    mask = RunMask(valid)
-    sequence_first = mask.select(np.ascontiguousarray(hidden.transpose(1, 0, 2)), -1)
-    flattened = mask.select(hidden.reshape(6, 4), 1)
-    np.testing.assert_array_equal(np.sort(sequence_first.value, 0), np.sort(hidden[valid], 0))
-    np.testing.assert_array_equal(flattened.value, hidden[valid])
+    sequence_first = _seen(np.ascontiguousarray(hidden.transpose(1, 0, 2)))
+    flattened = _seen(hidden.reshape(6, 4), 1)
+    np.testing.assert_array_equal(np.sort(sequence_first.value, 0), np.sort(hidden[VALID], 0))
+    np.testing.assert_array_equal(flattened.value, hidden[VALID])
     assert flattened.channel_axis == 1
 
 
 def test_other_layouts_and_sequence_channels_stay_whole() -> None:
-    valid = np.array([[1, 1, 0], [1, 0, 0]], bool)
-    mask = RunMask(valid)
     pooled = np.ones((2, 4), np.float32)
     scores = np.ones((2, 5, 3, 3), np.float32)  # [batch, heads, seq, seq]
-    for value, axis in ((pooled, -1), (scores, -1), (np.ones((2, 3), np.float32), -1)):
-        selected = mask.select(value, axis)
+    for value in (pooled, scores, np.ones((2, 3), np.float32)):
+        selected = _seen(value)
         assert selected.value is value and selected.dropped == 0
     # minmax only (no channel axis): a [b, s] tensor is masked
-    assert mask.select(np.ones((2, 3), np.float32), None).value.shape == (3,)
+    assert _seen(np.ones((2, 3), np.float32), None).value.shape == (3,)
 
 
 def test_a_mask_without_padding_selects_nothing() -> None:
     value = np.ones((2, 3, 4), np.float32)
-    assert RunMask(np.ones((2, 3), bool)).select(value, -1).value is value
+    assert LayoutDecision().apply(RunMask(np.ones((2, 3), bool)), value, -1).value is value
+
+
+def test_a_shape_coincidence_decides_nothing_and_a_clear_run_decides() -> None:
+    """Attention scores [b, heads, s, s] when a batch's length equals the number of heads."""
+    decision = LayoutDecision()
+    twelve = RunMask(np.ones((2, 12), bool))
+    twelve.valid[0, 8:] = False
+    scores = np.ones((2, 12, 12, 12), np.float32)
+    assert decision.apply(twelve, scores, None).value is scores  # [b, s, …]? or heads? unknown
+    assert decision.decided is None
+    later = np.ones((2, 12, 5, 5), np.float32)  # a batch of 5 tokens: clearly not [b, s, …]
+    assert decision.apply(RunMask(VALID), later, None).value is later
+    assert decision.decided == "whole"
+    assert decision.apply(twelve, scores, None).value is scores
+    hidden = LayoutDecision()
+    assert hidden.apply(twelve, np.ones((2, 12, 384), np.float32), -1).dropped == 4
+    assert hidden.decided == "batch_first"
+
+
+def test_a_fixed_axis_in_the_graph_rules_a_layout_out() -> None:
+    """A Conv map [1, 6, 10, 10] beside a padded [1, 6] mask: 6 channels, not 6 positions."""
+    valid = np.array([[1, 1, 1, 1, 0, 0]], bool)
+    feature_map = np.ones((1, 6, 10, 10), np.float32)
+    conv = LayoutDecision(inferred=["N", 6, "H", "W"], mask_dims=["batch", "sequence"])
+    assert conv.apply(RunMask(valid), feature_map, None).value is feature_map
+    assert conv.decided == "whole"
+    tokens = LayoutDecision(inferred=["batch", "sequence", 6], mask_dims=["batch", "sequence"])
+    assert tokens.apply(RunMask(valid), np.ones((1, 6, 6), np.float32), None).dropped == 0
+    assert tokens.apply(RunMask(valid), np.ones((1, 6, 8), np.float32), -1).dropped == 2
 
 
 # --- statistics (collector rule 8) -----------------------------------------------------------
@@ -220,6 +251,29 @@ def test_a_mask_named_like_padding_or_with_other_values_is_not_guessed() -> None
         resolve_mask_input(feeds, specs, "attention_mask")
 
 
+def test_a_causal_mask_is_not_taken_for_a_padding_mask() -> None:
+    """A [s, s] bool ``src_mask`` (True = blocked) shares no [batch, sequence] with the ids."""
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])
+    causal = helper.make_tensor_value_info("src_mask", TensorProto.BOOL, ["seq", "seq"])
+    out = helper.make_tensor_value_info("y", TensorProto.INT64, ["batch", "seq"])
+    proto = make_model([helper.make_node("Identity", ["input_ids"], ["y"])], [ids, causal], [out])
+    feeds = [
+        {"input_ids": np.ones((2, 6), np.int64), "src_mask": np.triu(np.ones((6, 6), bool), 1)}
+    ]
+    opened, specs = _feeds(proto, feeds)
+    assert resolve_mask_input(opened, specs) is None
+
+
+def test_an_input_of_unknown_rank_is_not_a_mask_candidate() -> None:
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])
+    unknown = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, None)
+    out = helper.make_tensor_value_info("y", TensorProto.INT64, ["batch", "seq"])
+    proto = make_model([helper.make_node("Identity", ["input_ids"], ["y"])], [ids, unknown], [out])
+    opened, specs = _feeds(proto, padded_feeds(sentences(), 4, 16))
+    assert resolve_mask_input(opened, specs) is None
+    assert resolve_mask_input(opened, specs, "attention_mask").input == "attention_mask"
+
+
 def test_naming_a_mask_that_is_not_a_rank_2_input_is_an_error() -> None:
     feeds, specs = _feeds(token_model(), padded_feeds(sentences(), 4, 16))
     with pytest.raises(DataError, match="not a model input"):
@@ -291,11 +345,11 @@ def test_cli_reports_the_mask_and_turns_it_off(
     data = _folder(tmp_path, padded_feeds(sentences(), 4, 16), "padded")
     args = ["optimize", str(source), str(tmp_path / "q.onnx"), "--passes", "quant"]
     code, out, _ = run_cli([*args, "--calib-data", str(data), "--no-validate"], capsys)
-    assert code == 0 and "calibration mask attention_mask:" in out
+    assert code == 0 and "mask attention_mask:" in out
     code, out, _ = run_cli(
         [*args, "--calib-data", str(data), "--no-validate", "--mask-input", "none"], capsys
     )
-    assert code == 0 and "calibration mask" not in out
+    assert code == 0 and "mask attention_mask" not in out
     code, _, err = run_cli([*args, "--calib-data", str(data), "--mask-input", "input_idz"], capsys)
     assert code == 2 and "--mask-input input_idz: not a model input" in err
 
@@ -325,29 +379,138 @@ def test_tune_passes_the_mask_to_every_build_and_into_the_recipe(
             tmp_path / label,
             calib_data=data,
             passes=["lowrank"],
-            budget=2,
+            budget=1,
             workers=0,
             min_cosine=0.01,
             options={"lowrank": {"min_size": 1, "rank": 4}},
             mask_input=mask,
         )
-    auto, off = results["auto"], results["off"]
-    assert [t.key for t in auto.trials] != [t.key for t in off.trials]  # the mask is in the key
-    recipe = json.loads(Path(off.files["recipe"]).read_text())
-    assert recipe["mask_input"] == "none"
-    assert "mask_input" not in json.loads(Path(auto.files["recipe"]).read_text())
-    rebuilt = tmp_path / "rebuilt.onnx"
-    code, out, _ = run_cli(
-        [
-            "optimize",
-            str(source),
-            str(rebuilt),
-            "--recipe",
-            off.files["recipe"],
-            "--calib-data",
-            str(data),
-            "--no-validate",
-        ],
-        capsys,
+    auto, off = results["auto"].chosen, results["off"].chosen
+    assert auto is not None and off is not None
+    assert auto.candidate == off.candidate and auto.key != off.key  # the mask is in the key
+    # each build used its own mask: the same candidate, other factors
+    assert (
+        Path(results["auto"].files["best"]).read_bytes()
+        != Path(results["off"].files["best"]).read_bytes()
     )
-    assert code == 0 and "calibration mask" not in out
+    recipe = json.loads(Path(results["off"].files["recipe"]).read_text())
+    assert recipe["mask_input"] == "none"
+    assert "mask_input" not in json.loads(Path(results["auto"].files["recipe"]).read_text())
+    rebuilt = tmp_path / "rebuilt.onnx"
+    arguments = ["optimize", str(source), str(rebuilt), "--recipe", results["off"].files["recipe"]]
+    code, out, _ = run_cli([*arguments, "--calib-data", str(data), "--no-validate"], capsys)
+    assert code == 0 and "mask attention_mask" not in out
+    assert rebuilt.read_bytes() == Path(results["off"].files["best"]).read_bytes()
+
+
+def test_tune_refuses_a_mask_input_that_is_not_an_input_before_searching(
+    tmp_path: Path,
+) -> None:
+    from graphopt.tuning.search import tune
+
+    source = tmp_path / "tokens.onnx"
+    onnx.save(token_model(), source)
+    data = _folder(tmp_path, padded_feeds(sentences(), 4, 16), "padded")
+    with pytest.raises(DataError, match="--mask-input attention_msk: not a model input"):
+        tune(
+            source,
+            tmp_path / "out",
+            calib_data=data,
+            passes=["lowrank"],
+            workers=0,
+            mask_input="attention_msk",
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_later_feed_with_longer_samples_is_measured_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Collector rule 6 with varying shapes: the output budget holds for the longest feed, and
+    shorter feeds reuse a measurement instead of probing again."""
+    import onnxruntime as ort
+
+    from graphopt.settings import Settings
+
+    runs: list[tuple[int, ...]] = []
+    original = ort.InferenceSession.run
+
+    def counted(self, names, feed, *args, **kwargs):  # type: ignore[no-untyped-def]
+        runs.append(tuple(feed["input_ids"].shape))
+        return original(self, names, feed, *args, **kwargs)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", counted)
+    model = model_from_proto(token_model())
+    rng = np.random.default_rng(0)
+    shapes = [(8, 4), (8, 16), (8, 8), (8, 4)]
+    data = [
+        {
+            "input_ids": rng.integers(1, VOCAB, size=shape).astype(np.int64),
+            "attention_mask": np.ones(shape, np.int64),
+        }
+        for shape in shapes
+    ]
+    feeds = open_data(data, input_specs(model.graph))
+    budget = Settings(calibration_output_bytes=2 * 16 * HIDDEN * 4)  # 2 samples of 16 tokens
+    collect(model, feeds, [StatRequest("hidden")], settings=budget)
+    probes = [shape for shape in runs if shape[0] == 1]
+    assert probes == [(1, 4), (1, 16)]  # the first feed, then the first longer one only
+    assert max(shape[0] for shape in runs if shape[1] == 16) == 2
+    assert max(shape[0] for shape in runs if shape[1] == 8) == 2  # measured on a longer feed
+
+
+def _with_hidden_output(proto: onnx.ModelProto, padding_noise: float) -> onnx.ModelProto:
+    """The token model also returning ``hidden`` [b, s, 8], plus ``padding_noise`` at padding
+    positions (what a compressed model's padding outputs may do: nobody reads them)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    graph = model.graph
+    graph.node.extend(
+        [
+            helper.make_node("Sub", ["one_f", "mask3"], ["padding3"]),
+            helper.make_node("Mul", ["padding3", "noise"], ["offset"]),
+            helper.make_node("Add", ["hidden", "offset"], ["hidden_out"]),
+        ]
+    )
+    graph.initializer.extend(
+        [
+            helper.make_tensor("one_f", TensorProto.FLOAT, [], [1.0]),
+            helper.make_tensor("noise", TensorProto.FLOAT, [], [padding_noise]),
+        ]
+    )
+    graph.output.append(
+        helper.make_tensor_value_info("hidden_out", TensorProto.FLOAT, ["batch", "seq", HIDDEN])
+    )
+    return model
+
+
+def test_validation_compares_valid_positions_only(tmp_path: Path) -> None:
+    from graphopt.check.validate import compare_models
+
+    reference = tmp_path / "reference.onnx"
+    candidate = tmp_path / "candidate.onnx"
+    onnx.save(_with_hidden_output(token_model(), 0.0), reference)
+    onnx.save(_with_hidden_output(token_model(), 5.0), candidate)
+    specs = input_specs(model_from_proto(token_model()).graph)
+    feeds = open_data(padded_feeds(sentences(), 4, 16), specs)
+    masked = compare_models(reference, candidate, feeds.with_mask_input("attention_mask"))
+    whole = compare_models(reference, candidate, feeds)
+    by_output = {c.output: c for c in masked.comparisons}
+    assert masked.passed and by_output["hidden_out"].cosine == pytest.approx(1.0)
+    assert not whole.passed
+    assert {c.output: c for c in whole.comparisons}["hidden_out"].cosine < 0.99
+
+
+def test_check_uses_the_mask_and_turns_it_off(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reference = tmp_path / "reference.onnx"
+    candidate = tmp_path / "candidate.onnx"
+    onnx.save(_with_hidden_output(token_model(), 0.0), reference)
+    onnx.save(_with_hidden_output(token_model(), 5.0), candidate)
+    data = _folder(tmp_path, padded_feeds(sentences(), 4, 16), "padded")
+    args = ["check", str(reference), str(candidate), "--data", str(data)]
+    code, out, _ = run_cli(args, capsys)
+    assert code == 0 and "mask attention_mask:" in out
+    code, out, _ = run_cli([*args, "--mask-input", "none"], capsys)
+    assert code == 1 and "mask attention_mask" not in out

@@ -100,15 +100,22 @@ def _checked(report: OptimizeReport, feeds: list[Feed], first_input: str) -> Non
 
 
 def _output_elements(path: str, feeds: list[Feed]) -> dict[str, int]:
-    """Elements of each output of the model at ``path`` over ``feeds``."""
+    """Elements of each output of the model at ``path`` over ``feeds``: of an output laid out
+    like the attention mask ([batch, seq, …]), those at valid positions only (validation rule
+    9: padding is not compared)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     names = [output.name for output in session.get_outputs()]
     totals = dict.fromkeys(names, 0)
     for feed in feeds:
+        mask = feed.get("attention_mask")
         for name, value in zip(names, session.run(names, feed), strict=True):
-            totals[name] += int(np.asarray(value).size)
+            shape = np.shape(value)
+            if mask is not None and shape[:2] == mask.shape:
+                totals[name] += int(mask.sum()) * int(np.prod(shape[2:], dtype=np.int64))
+            else:
+                totals[name] += int(np.asarray(value).size)
     return totals
 
 
