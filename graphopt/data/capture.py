@@ -49,8 +49,14 @@ program and in the Python processes it starts (:func:`child_environment`). Rules
    :data:`STATE_NAME` in the output folder, read and replaced under an ``flock`` on
    :data:`LOCK_NAME`. The process that started the capture removes the lock file when it ends
    (a process that finds no lock file stops recording) and leaves the state file, with the
-   final counts, as the capture's marker. A process forked while recording records on into the
-   same capture.
+   final counts, as the capture's marker. A process forked while recording (``os.fork``,
+   ``multiprocessing``'s fork) records on into the same capture, with counts of its own. Forks
+   and the lock: an ``flock`` belongs to the open file, which a child shares, so a child forked
+   mid-transaction would hold the lock until it exits and block every other process. So a fork
+   (through ``os.register_at_fork``) first waits for a transaction another thread of the process
+   is in (the time one takes): no lock file is open when the process forks, and the child
+   starts with free thread locks. A fork from C code that skips Python's fork handlers is not
+   covered.
 10. Summary (:class:`CaptureSummary`): per model, its folder, source, feeds, bytes, calls seen
     and calls skipped by reason (``every``, ``max_feeds``, ``max_bytes``, ``failed``: the call
     raised, ``unreadable``: an input could not be copied, ``write_error``, ``ended``: the capture
@@ -108,6 +114,18 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MARK = "__graphopt_recorder__"
 _PATCH_LOCK = threading.Lock()
 """Rule 8: makes checking for an active recording and patching one step."""
+
+
+def _free_patch_lock_in_child() -> None:
+    """Rule 9: a thread that held :data:`_PATCH_LOCK` when the process forked is not in the
+    child (only the forking thread is), so the child frees it. A fork does not take it first:
+    starting a recording holds it around a transaction, and a fork takes the transactions' lock
+    (:meth:`_Ledger.before_fork`), so the two orders could deadlock."""
+    if _PATCH_LOCK.locked():
+        _PATCH_LOCK.release()
+
+
+os.register_at_fork(after_in_child=_free_patch_lock_in_child)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,15 +299,41 @@ def _pid_alive(pid: int) -> bool:
 
 
 class _Ledger:
-    """Rule 9: the shared state, read and replaced under an ``flock`` on the lock file."""
+    """Rule 9: the shared state, read and replaced under an ``flock`` on the lock file.
+
+    ``thread_lock`` is held for a whole transaction, from opening the lock file to closing it;
+    a fork takes it first (:meth:`before_fork`), so no descriptor of the lock file is open, and
+    no ``flock`` held, when the process forks; the child gets a new, free ``thread_lock``.
+    """
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
         self.state_path = out_dir / STATE_NAME
         self.lock_path = out_dir / LOCK_NAME
         self.thread_lock = threading.Lock()
+        self._holder: int | None = None
+        """The thread in a transaction, if any."""
+        self._held_for_fork = False
+        _register_fork_handlers(self)
 
-    def after_fork(self) -> None:
+    def before_fork(self) -> None:
+        """Wait for the transaction another thread is in, and keep others out until forked. A
+        fork made inside a transaction by its own thread (a signal handler) does not wait for
+        itself."""
+        if self._holder == threading.get_ident():
+            return
+        self.thread_lock.acquire()
+        self._held_for_fork = True
+
+    def after_fork_in_parent(self) -> None:
+        if self._held_for_fork:
+            self._held_for_fork = False
+            self.thread_lock.release()
+
+    def after_fork_in_child(self) -> None:
+        """Only the forking thread runs in the child; a transaction it is in (forking from a
+        signal handler) ends with the lock it started with."""
+        self._held_for_fork = False
         self.thread_lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -297,17 +341,21 @@ class _Ledger:
         """The state to read and change; written back when the block ends without an error.
         FileNotFoundError when the lock file is gone: the capture has ended (rule 9)."""
         with self.thread_lock:
-            handle = os.open(self.lock_path, os.O_RDWR)
+            self._holder = threading.get_ident()
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX)
-                text = self.state_path.read_text()
-                state = json.loads(text)
-                yield state
-                new_text = json.dumps(state, indent=1, sort_keys=True)
-                if new_text != text:
-                    self.write(new_text)
+                handle = os.open(self.lock_path, os.O_RDWR)
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX)
+                    text = self.state_path.read_text()
+                    state = json.loads(text)
+                    yield state
+                    new_text = json.dumps(state, indent=1, sort_keys=True)
+                    if new_text != text:
+                        self.write(new_text)
+                finally:
+                    os.close(handle)
             finally:
-                os.close(handle)
+                self._holder = None
 
     def write(self, text: str) -> None:
         temporary = self.state_path.with_name(
@@ -315,6 +363,26 @@ class _Ledger:
         )
         temporary.write_text(text)
         os.replace(temporary, self.state_path)
+
+
+def _register_fork_handlers(ledger: _Ledger) -> None:
+    """Rule 9: run the ledger's fork methods around every ``os.fork`` while it lives (the
+    handlers keep a weak reference; Python cannot unregister them)."""
+    reference = weakref.ref(ledger)
+
+    def handler(method: Callable[[_Ledger], None]) -> Callable[[], None]:
+        def call() -> None:
+            alive = reference()
+            if alive is not None:
+                method(alive)
+
+        return call
+
+    os.register_at_fork(
+        before=handler(_Ledger.before_fork),
+        after_in_parent=handler(_Ledger.after_fork_in_parent),
+        after_in_child=handler(_Ledger.after_fork_in_child),
+    )
 
 
 def _prepare_folder(out_dir: Path) -> None:
@@ -899,12 +967,11 @@ class FeedRecorder:
         logger.warning(message, *args)
 
     def _after_fork(self) -> None:
-        """Rule 9: a forked child records on with its own locks and counts."""
+        """Rule 9: a forked child records on with its own lock and counts (the ledger frees
+        its own lock: :meth:`_Ledger.after_fork_in_child`)."""
         self._lock = threading.Lock()
         self._pending = {}
         self._ignored = Counter()
-        if self._capture is not None:
-            self._capture.ledger.after_fork()
 
 
 def _after_fork(reference: weakref.ref[FeedRecorder]) -> None:

@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +22,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.cli.capture import capture_command, parse_size
-from graphopt.data.capture import LOCK_NAME, STATE_NAME, record_feeds
+from graphopt.data import capture as capture_module
+from graphopt.data.capture import LOCK_NAME, STATE_NAME, FeedRecorder, record_feeds
 from graphopt.data.feeds import input_specs, open_data
 from graphopt.errors import InputError, OptionError
 from graphopt.ir.model import load_model
@@ -299,6 +303,125 @@ def test_threads_share_one_numbering(tmp_path: Path, models: dict[str, Path]) ->
     tags = sorted(round(float(np.median(_load(f)["x"])) / 100) for f in files)
     assert tags == sorted(10 * t + c // 100 for t in range(threads_count) for c in range(calls))
     assert recorder.summary.feeds == threads_count * calls
+
+
+def _fork(child: Callable[[], bool]) -> int:
+    """Fork; the child runs ``child`` and exits at once: 0 when it returned True, else 1."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child's coverage is not collected
+        code = 1
+        try:
+            code = 0 if child() else 1
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _exit_code(pid: int, timeout: float) -> int | None:
+    """The child's exit code, or None (and the child killed) when it runs past ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None
+
+
+def _returns_within(call: Callable[[], object], timeout: float) -> bool:
+    """Whether ``call`` returns within ``timeout`` (run in a daemon thread: a hang fails the
+    test instead of hanging the suite)."""
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return not thread.is_alive()
+
+
+def _hold(
+    lock_context: Callable[[], AbstractContextManager[object]], seconds: float
+) -> threading.Thread:
+    """A thread that stays inside ``lock_context()`` for ``seconds``; returns once it is in."""
+    inside = threading.Event()
+
+    def hold() -> None:
+        with lock_context():
+            inside.set()
+            time.sleep(seconds)
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    assert inside.wait(2)
+    return thread
+
+
+def _in_transaction(recorder: FeedRecorder, seconds: float) -> threading.Thread:
+    """Another thread of the application inside one of the recording's state transactions."""
+    ledger = recorder._capture_folder().ledger
+    return _hold(ledger.transaction, seconds)
+
+
+def _one_thread_session(path: Path) -> ort.InferenceSession:
+    """A session without a thread pool, which a forked child can run."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def test_a_fork_during_a_transaction_does_not_block_the_parent(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    """Rules 2, 9: a long-lived child forked while another thread holds the shared lock (a pool
+    worker) does not keep the lock: the parent's next call records at once."""
+    session = _one_thread_session(models["encoder"])
+    with record_feeds(tmp_path / "out") as recorder:
+        holder = _in_transaction(recorder, 0.2)
+        worker = _fork(lambda: time.sleep(30) or True)
+        try:
+            holder.join(2)
+            assert _returns_within(lambda: session.run(None, _feed(1, 2)), timeout=1.0)
+        finally:
+            os.kill(worker, signal.SIGKILL)
+            os.waitpid(worker, 0)
+    assert len(_npz_files(tmp_path / "out" / "encoder")) == 1
+
+
+def test_a_process_forked_during_a_transaction_records_on(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    """Rule 9: the child of a fork made while another thread holds the locks starts with free
+    locks and records into the same capture."""
+    session = _one_thread_session(models["encoder"])
+    with record_feeds(tmp_path / "out") as recorder:
+        holder = _in_transaction(recorder, 0.2)
+        child = _fork(lambda: _returns_within(lambda: session.run(None, _feed(1, 3)), 1.0))
+        holder.join(2)
+        assert _exit_code(child, timeout=1.5) == 0
+        session.run(None, _feed(1, 2))
+    files = _npz_files(tmp_path / "out" / "encoder")
+    assert [_load(f)["x"].shape for f in files] == [(1, 3, 8), (1, 2, 8)]
+    assert recorder.summary.processes == 1  # the child counts as the parent's process
+
+
+def test_a_fork_while_a_recording_starts_leaves_the_child_free_to_record(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    """Rules 8, 9: a fork while another thread starts or stops a recording (holding the lock that
+    makes that one step) leaves the child able to record."""
+    session = _one_thread_session(models["encoder"])
+
+    def record_in_child() -> bool:
+        with record_feeds(tmp_path / "child"):
+            session.run(None, _feed(1, 2))
+        return True
+
+    holder = _hold(lambda: capture_module._PATCH_LOCK, 0.2)
+    child = _fork(lambda: _returns_within(record_in_child, 1.0))
+    holder.join(2)
+    assert _exit_code(child, timeout=1.5) == 0
+    assert len(_npz_files(tmp_path / "child" / "encoder")) == 1
 
 
 def test_methods_are_restored_after_an_exception(tmp_path: Path, models: dict[str, Path]) -> None:
