@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.check.validate import Criteria, MetricAccumulator, sample_count
+from graphopt.check.validate import Criteria, MetricAccumulator, PaddingFilter, sample_count
 from graphopt.data.calibration import (
     CALIBRATORS,
     StatRequest,
@@ -22,7 +22,8 @@ from graphopt.data.calibration import (
     calibrated_range,
     collect,
 )
-from graphopt.data.feeds import Feeds
+from graphopt.data.feeds import Feeds, batch_axes, input_specs
+from graphopt.data.masking import RunMask
 from graphopt.errors import InputError
 from graphopt.ir import weights
 from graphopt.ir.edit import replace_input
@@ -169,7 +170,8 @@ class QuantPass(Pass):
        it alone; while the held-aside score is below the target, the most harmful remaining
        node goes back to float. The score is the validation gate's figure: over the outputs,
        the lowest whole-tensor or worst-channel cosine (a detector's class-score rows count
-       even when its box rows dominate the tensor). Excluded nodes and their harm are reported.
+       even when its box rows dominate the tensor), at valid positions only when the data has a
+       padding mask (as the gate compares). Excluded nodes and their harm are reported.
        A plan's variant runs only downstream of the nodes it changes, fed from the float
        model's activations cached once (:mod:`graphopt.passkit.probe`): the scores of whole
        runs, bit for bit, at about half the inference on MiniLM.
@@ -194,7 +196,7 @@ class QuantPass(Pass):
         small float MatMul, the rest through int8 with a range calibrated without them, and
         the two products are added (the LLM.int8() idea as a graph rewrite).
     11. Nodes with fewer than ``min_macs`` multiply-accumulates per sample (counted from the
-        calibration activations) stay float: for them the Q/DQ pair costs about what the
+        calibration activations, padding positions included: a padded batch computes them) stay float: for them the Q/DQ pair costs about what the
         integer kernel saves. With integer chains (rule 15) a small node whose input is
         already integer (a quantized neighbour's output, through chain ops) is quantized all
         the same: there its int8 kernel costs no conversion. Measured on ONNX Runtime CPU
@@ -485,9 +487,7 @@ class QuantPass(Pass):
 
     def _outlier_split(self, candidate: Candidate, stats: dict[str, TensorStats]) -> Candidate:
         """Rule 10: find the few input channels with extreme ranges."""
-        if candidate.scheme != "static" or candidate.node.op != "MatMul":
-            return candidate
-        if not isinstance(candidate.weight, gs.Constant):
+        if not _splittable(candidate):
             return candidate
         channel_max = stats[candidate.activation.name].channel_absmax
         if channel_max is None or channel_max.size < 8:
@@ -647,7 +647,11 @@ class QuantPass(Pass):
         split = self.options["outlier_threshold"] > 0
         candidates = [c for c in candidates if c.body is None]  # rule 14: bodies are not seen
         requests = [
-            StatRequest(t.name, histogram=histogram, channel_absmax=split and t is c.activation)
+            StatRequest(
+                t.name,
+                histogram=histogram,
+                channel_absmax=split and t is c.activation and _splittable(c),
+            )
             for c in candidates
             for t in c.activations
         ]
@@ -1249,10 +1253,18 @@ class _Evaluator:
     (:mod:`graphopt.passkit.probe`), which gives the outputs a whole run gives, bit for bit.
     """
 
-    def __init__(self, model: Model, feeds: Feeds, threads: int = 0) -> None:
+    def __init__(
+        self, model: Model, feeds: Feeds, threads: int = 0, budget_bytes: int | None = None
+    ) -> None:
         self.model = model
-        self.runner = ProbeRunner(model, feeds, threads)
-        self.samples = [sample_count(feed) for feed in self.runner.feeds()]
+        self.runner = ProbeRunner(model, feeds, threads, budget_bytes)
+        axes = batch_axes(input_specs(model.graph))
+        self.padding = PaddingFilter(feeds.mask_input)  # as the gate compares (validate rule 9)
+        self.samples: list[int | None] = []
+        self.masks: list[RunMask | None] = []
+        for feed in self.runner.feeds():
+            self.samples.append(sample_count(feed, axes))
+            self.masks.append(self.padding.mask_of(feed))
 
     def __enter__(self) -> _Evaluator:
         return self
@@ -1290,14 +1302,20 @@ class _Evaluator:
             MetricAccumulator(str(index), "cpu", Criteria(), seed=0)
             for index in range(len(self.runner.output_names) if self.runner.count else 0)
         ]
+        names = self.runner.output_names
         for index, candidate_batch in enumerate(outputs):
             reference_batch = self.runner.reference(index)
-            for accumulator, reference, candidate in zip(
-                accumulators, reference_batch, candidate_batch, strict=True
+            for name, accumulator, reference, candidate in zip(
+                names, accumulators, reference_batch, candidate_batch, strict=True
             ):
-                accumulator.add(
-                    np.asarray(reference), np.asarray(candidate), samples=self.samples[index]
+                kept_reference, kept_candidate, samples = self.padding.kept(
+                    name,
+                    self.masks[index],
+                    np.asarray(reference),
+                    np.asarray(candidate),
+                    self.samples[index],
                 )
+                accumulator.add(kept_reference, kept_candidate, samples=samples)
         return min((a.finish().agreement.score for a in accumulators), default=1.0)
 
 
@@ -1334,14 +1352,29 @@ def _macs_per_sample(
         if output is None or output.name not in stats or not isinstance(weight, gs.Constant):
             return None
         per_output = float(np.prod(weight.shape[1:]))
-        return stats[output.name].count / samples * per_output
+        return _computed(stats[output.name]) / samples * per_output
     activation = stats.get(candidate.activation.name)
     if activation is None or weight.shape is None:
         return None
     columns = weight.shape[_weighted(node).out_axis]
     if not isinstance(columns, int):
         return None
-    return activation.count / samples * columns
+    return _computed(activation) / samples * columns
+
+
+def _computed(stats: TensorStats) -> int:
+    """Values the model computed: those calibrated and those left out as padding (a served
+    padded batch computes them too)."""
+    return stats.count + stats.padded_values
+
+
+def _splittable(candidate: Candidate) -> bool:
+    """Rule 10: a static MatMul with a constant weight (its input's last axis is channels)."""
+    return (
+        candidate.scheme == "static"
+        and candidate.node.op == "MatMul"
+        and isinstance(candidate.weight, gs.Constant)
+    )
 
 
 def _can_be_dynamic(candidate: Candidate) -> bool:

@@ -514,3 +514,25 @@ def test_check_uses_the_mask_and_turns_it_off(
     assert code == 0 and "mask attention_mask:" in out
     code, out, _ = run_cli([*args, "--mask-input", "none"], capsys)
     assert code == 1 and "mask attention_mask" not in out
+
+
+def test_quant_counts_padding_as_computed_work(tmp_path: Path) -> None:
+    """Rule 11 of quant (MACs per sample) counts every position a padded batch computes, not
+    only the valid ones the statistics keep: serving runs the padding too."""
+    source = tmp_path / "tokens.onnx"
+    onnx.save(token_model(), source)
+    data = _folder(tmp_path, padded_feeds(sentences(), 4, 16), "padded")
+    valid = sum(t.size for t in sentences()) / 12 * HIDDEN * 64  # mm1's MACs at valid positions
+    computed = 16 * HIDDEN * 64
+    assert valid < 5000 < computed
+    report = optimize(
+        source,
+        tmp_path / "q.onnx",
+        ["quant"],
+        options={"quant": {"min_macs": 5000, "target_cosine": 0}},
+        data=data,
+        validate=False,
+    )
+    assert report.calibration_mask is not None
+    stats = report.run.records[0].stats
+    assert stats["quantized"] == 2, stats  # mm1 and mm2, both computed at 16 positions

@@ -24,7 +24,7 @@ from graphopt.ir.ort import make_session
 from graphopt.ir.weights import set_storage
 from graphopt.passkit import probe
 from graphopt.passkit.api import PassContext
-from graphopt.passkit.probe import ProbeRunner, changed_region, node_signatures
+from graphopt.passkit.probe import changed_region, node_signatures
 from passes.quant import Candidate, QuantPass, _Evaluator, _node_map, _rebind
 
 from ..conftest import float_input, make_model, weight
@@ -291,13 +291,11 @@ def test_a_small_cache_runs_what_does_not_fit_whole_with_the_same_scores(
     )
     feed_bytes = sum(v.nbytes for feed in held for v in feed.values())
     boundary_bytes = sum(feed["x"].shape[0] * 8 * 4 for feed in held)  # one [n, 8] tensor
-    with ProbeRunner(model, held, budget_bytes=feed_bytes + boundary_bytes * 2) as runner:
-        evaluator = _Evaluator.__new__(_Evaluator)
-        evaluator.model, evaluator.runner = model, runner
-        evaluator.samples = [sample_count(feed) for feed in runner.feeds()]
+    budget = feed_bytes + boundary_bytes * 2
+    with _Evaluator(model, held, budget_bytes=budget) as evaluator:
         evaluator.prepare(quant, [[c] for c in chosen], ranges)
         scores = {c.node.name: evaluator.score(quant, [c], ranges) for c in chosen}
-        assert 0 < runner.stats.regions < len(chosen)  # some fit, some did not
+        assert 0 < evaluator.runner.stats.regions < len(chosen)  # some fit, some did not
     for candidate in chosen:
         assert scores[candidate.node.name] == _whole_score(quant, model, [candidate], ranges, held)
 

@@ -431,7 +431,7 @@ def test_data_hash_sees_a_feed_of_another_shape(tmp_path: Path) -> None:
     assert one != other
 
 
-# --- fixes that belong elsewhere (data/feeds.py, data/calibration.py, passes/quant.py) -----------
+# --- fixes in data/feeds.py, ir/model.py and passes/quant.py ------------------------------------
 
 
 def test_count_samples_counts_the_batch_axis(tmp_path: Path) -> None:
@@ -470,11 +470,6 @@ def test_quant_int4_without_the_accuracy_search(tmp_path: Path) -> None:
     assert report.run.records[0].stats["by_scheme"]["int4"] == 6  # every MatMul with a weight
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs fix in passes/quant.py: _requests asks for channel_absmax (axis -1) of every "
-    "candidate's activation, a Conv's width included, which changes between feeds",
-)
 def test_quant_outlier_split_with_varying_image_sizes(tmp_path: Path) -> None:
     feeds = image_feeds()
     report = optimize(
@@ -488,11 +483,6 @@ def test_quant_outlier_split_with_varying_image_sizes(tmp_path: Path) -> None:
     _checked(report, feeds, "image")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs fix in passes/quant.py: _requests asks for channel_absmax of an activation × "
-    "activation MatMul's input, whose last axis is the (varying) sequence length",
-)
 def test_quant_outlier_split_with_varying_sequence_lengths(tmp_path: Path) -> None:
     feeds = text_feeds()
     report = optimize(
