@@ -40,6 +40,7 @@ ENVIRONMENT: Mapping[str, str] = {
     "threads": "GRAPHOPT_THREADS",
     "calibration_output_bytes": "GRAPHOPT_CALIBRATION_OUTPUT_BYTES",
     "gram_budget_bytes": "GRAPHOPT_GRAM_BUDGET_BYTES",
+    "probe_cache_bytes": "GRAPHOPT_PROBE_CACHE_BYTES",
 }
 """Field → the environment variable :meth:`Settings.from_env` reads it from (rule 4)."""
 
@@ -70,6 +71,11 @@ class Settings:
     """Most bytes of XᵀX matrices one calibration run may hold (``lowrank``, ``sparsify``
     SparseGPT); more tensors take more runs. None: a quarter of the model's weight bytes, at
     least 256 MiB (:func:`graphopt.data.calibration.gram_budget`)."""
+    probe_cache_bytes: int | None = None
+    """Most bytes of feeds and float activations an accuracy search (``quant``) caches in the
+    temporary folder to run each probe only where it differs; probes that do not fit run whole
+    (same scores). 0: every probe runs whole. None:
+    :data:`graphopt.passkit.probe.PROBE_CACHE_BYTES` (1 GiB)."""
 
     def __post_init__(self) -> None:
         """Rule 1: every field checked, named ``Settings.<field>``; ``tmp_dir`` made a Path."""
@@ -127,13 +133,25 @@ def _check_bytes(value: object, label: str) -> None:
         raise OptionError(f"{label} must be a positive number of bytes or None, not {value!r}")
 
 
+def _check_bytes_or_zero(value: object, label: str) -> None:
+    if value == 0 and not isinstance(value, bool):
+        return
+    _check_bytes(value, label)
+
+
 _CHECKS: dict[str, Callable[[object, str], None]] = {
     "threads": _check_threads,
     "validation_ort_level": _check_level,
     "latency_ort_level": _check_level,
     "calibration_output_bytes": _check_bytes,
     "gram_budget_bytes": _check_bytes,
+    "probe_cache_bytes": _check_bytes_or_zero,
 }
+
+
+def _parse_bytes_or_zero(text: str, label: str) -> int:
+    """:func:`parse_bytes`, or 0 for ``0`` (a cache turned off)."""
+    return 0 if text.strip() == "0" else parse_bytes(text, label)
 
 
 def parse_bytes(text: str, label: str) -> int:
@@ -182,4 +200,5 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "threads": _parse_threads,
     "calibration_output_bytes": parse_bytes,
     "gram_budget_bytes": parse_bytes,
+    "probe_cache_bytes": _parse_bytes_or_zero,
 }

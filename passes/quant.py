@@ -196,14 +196,14 @@ class QuantPass(Pass):
         small float MatMul, the rest through int8 with a range calibrated without them, and
         the two products are added (the LLM.int8() idea as a graph rewrite).
     11. Nodes with fewer than ``min_macs`` multiply-accumulates per sample (counted from the
-        calibration activations, padding positions included: a padded batch computes them) stay float: for them the Q/DQ pair costs about what the
-        integer kernel saves. With integer chains (rule 15) a small node whose input is
-        already integer (a quantized neighbour's output, through chain ops) is quantized all
-        the same: there its int8 kernel costs no conversion. Measured on ONNX Runtime CPU
-        (AVX2, 2 threads), without integer chains: the digits CNN
-        (0.01–0.3 M MACs per layer) ran 0.97–0.99× as fast with all four layers quantized
-        (0.78× with ORT's quantize_static), while MiniLM's MatMuls (≥ 4.7 M MACs at 32 tokens)
-        gain 1.6×; the default, 1e6, sits between.
+        calibration activations, padding positions included: a padded batch computes them)
+        stay float: for them the Q/DQ pair costs about what the integer kernel saves. With
+        integer chains (rule 15) a small node whose input is already integer (a quantized
+        neighbour's output, through chain ops) is quantized all the same: there its int8
+        kernel costs no conversion. Measured on ONNX Runtime CPU (AVX2, 2 threads), without
+        integer chains: the digits CNN (0.01–0.3 M MACs per layer) ran 0.97–0.99× as fast
+        with all four layers quantized (0.78× with ORT's quantize_static), while MiniLM's
+        MatMuls (≥ 4.7 M MACs at 32 tokens) gain 1.6×; the default, 1e6, sits between.
     12. ``embeddings``: a Gather along axis 0 of a constant float32 table with at least 65536
         values becomes Gather of an int8 table (symmetric, one scale per row) → Cast → Mul by
         the gathered row scales. Outside the accuracy-driven loop; validation measures it.
@@ -873,7 +873,10 @@ class QuantPass(Pass):
         context: PassContext,
     ) -> list[Candidate]:
         started = time.perf_counter()
-        with _Evaluator(model, held_aside, context.settings.threads) as evaluator:
+        settings = context.settings
+        with _Evaluator(
+            model, held_aside, settings.threads, settings.probe_cache_bytes
+        ) as evaluator:
             kept = self._search(evaluator, chosen, ranges, report, context)
             logger.info(
                 "quant: accuracy loop took %.1f s: %s",

@@ -22,6 +22,11 @@ The collector's cost: seconds to collect XᵀX, channel sums of squares and hist
 MatMul input (a constant weight's) over ``64 docs, padded``, with and without the mask, two
 interleaved runs each.
 
+With ``--speed``: ``lowrank,quant`` (ratio 0.75) on the 512 unpadded sentences with validation,
+as ``graphopt optimize`` runs it, with quant's accuracy search running each probe only where it
+differs (the default) and with every probe run whole (``probe_cache_bytes=0``), interleaved, two
+runs each: wall seconds, quant's seconds, and whether the outputs are byte-identical.
+
 Passes: whitened ``lowrank`` at ratios 0.75 and 0.5, SparseGPT ``sparsify`` 50 %, and the
 ``quant`` default (int8 static, accuracy-driven at 0.99). Validation is off (evaluation is the
 held-out set); the pass time is the whole ``optimize`` call. Writes
@@ -264,6 +269,38 @@ def collector_seconds(source: Path, data: Path, repeats: int = 2) -> dict[str, l
     return seconds
 
 
+def speed_rows(folder: Path, repeats: int = 2) -> list[dict[str, Any]]:
+    """The module docstring's ``--speed`` runs."""
+    import hashlib
+
+    from graphopt.settings import Settings
+    from models.export_minilm import evaluation_sentences
+
+    source = folder / "minilm.onnx"
+    data = write_unpadded(folder / "docs512", evaluation_sentences(256 + 512)[256:])
+    rows = []
+    for _ in range(repeats):
+        for label, settings in (("regions", Settings()), ("whole", Settings(probe_cache_bytes=0))):
+            target = folder / f"speed_{label}.onnx"
+            started = time.perf_counter()
+            report = optimize(
+                source,
+                target,
+                ["lowrank", "quant"],
+                options={"lowrank": {"ratio": 0.75}},
+                data=data,
+                settings=settings,
+            )
+            seconds = time.perf_counter() - started
+            quant = next(r.seconds for r in report.run.records if r.name == "quant")
+            digest = hashlib.sha256(target.read_bytes()).hexdigest()[:12]
+            rows.append(
+                {"probes": label, "seconds": seconds, "quant_seconds": quant, "sha": digest}
+            )
+            print(f"  speed {label}: {seconds:.1f} s (quant {quant:.1f} s) {digest}", flush=True)
+    return rows
+
+
 def markdown(rows: Sequence[Row], setup: dict[str, Any]) -> str:
     table = markdown_table(
         ["pass", "calibration", "mask", "cosine mean", "cosine min", "NN agreement", "s"],
@@ -293,6 +330,27 @@ def markdown(rows: Sequence[Row], setup: dict[str, Any]) -> str:
             "Collector seconds over 64 docs padded to 128 tokens (XᵀX, sums of squares and "
             f"histograms of every MatMul input): {setup['collector_seconds']}",
             "",
+            *(
+                [
+                    "lowrank,quant on 512 unpadded sentences (validation on):",
+                    "",
+                    markdown_table(
+                        ["probes", "seconds", "quant seconds", "output sha256"],
+                        [
+                            [
+                                r["probes"],
+                                f"{r['seconds']:.1f}",
+                                f"{r['quant_seconds']:.1f}",
+                                r["sha"],
+                            ]
+                            for r in setup["speed"]
+                        ],
+                    ),
+                    "",
+                ]
+                if setup.get("speed")
+                else []
+            ),
             "Every run:",
             "",
             table,
@@ -306,23 +364,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", type=Path, default=Path("models/build/bench_calibration"))
     parser.add_argument("--quick", action="store_true", help="leave out the 512-sentence sets")
     parser.add_argument(
+        "--speed", action="store_true", help="also time lowrank,quant with and without regions"
+    )
+    parser.add_argument(
         "--methods",
         default=",".join(METHODS),
-        help=f"comma-separated, of: {', '.join(METHODS)}",
+        help=f"comma-separated, of: {', '.join(METHODS)}; none: no pass runs",
     )
     args = parser.parse_args(argv)
     folder: Path = args.out_dir
     folder.mkdir(parents=True, exist_ok=True)
     methods = [name.strip() for name in args.methods.split(",") if name.strip()]
-    unknown = [name for name in methods if name not in METHODS]
+    unknown = [name for name in methods if name not in METHODS and name != "none"]
     if unknown:
         parser.error(f"unknown method {unknown[0]!r}")
-    rows = measure(folder, args.quick, methods)
+    rows = measure(folder, args.quick, [name for name in methods if name != "none"])
     setup = {
         "machine": machine_summary(),
         "collector_seconds": collector_seconds(
             folder / "minilm.onnx", folder / "docs64_padded.npz"
         ),
+        "speed": speed_rows(folder) if args.speed else [],
     }
     text = markdown(rows, setup)
     (folder / "calibration_benchmark.md").write_text(text)

@@ -22,9 +22,9 @@ from graphopt.ir.model import Model, model_from_proto, runnable_model, save_mode
 from graphopt.ir.normalize import normalize
 from graphopt.ir.ort import make_session
 from graphopt.ir.weights import set_storage
-from graphopt.passkit import probe
 from graphopt.passkit.api import PassContext
 from graphopt.passkit.probe import changed_region, node_signatures
+from graphopt.settings import Settings
 from passes.quant import Candidate, QuantPass, _Evaluator, _node_map, _rebind
 
 from ..conftest import float_input, make_model, weight
@@ -301,11 +301,16 @@ def test_a_small_cache_runs_what_does_not_fit_whole_with_the_same_scores(
 
 
 def _run_pass(
-    proto: onnx.ModelProto, tmp_path: Path, label: str, **options: Any
+    proto: onnx.ModelProto,
+    tmp_path: Path,
+    label: str,
+    settings: Settings | None = None,
+    **options: Any,
 ) -> tuple[dict[str, Any], bytes]:
     model = _model(proto)
     options = {"min_macs": 0, "calibrator": "minmax", **options}
-    result = QuantPass(options)(model, PassContext(data=_data(model, proto)))
+    context = PassContext(data=_data(model, proto), settings=settings or Settings())
+    result = QuantPass(options)(model, context)
     out = tmp_path / f"{label}.onnx"
     save_model(result.model, out)
     return result.stats, out.read_bytes()
@@ -314,12 +319,12 @@ def _run_pass(
 @pytest.mark.parametrize("fallback", ["float", "dynamic"])
 def test_the_loop_decides_as_with_whole_reruns(
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
     fallback: str,
 ) -> None:
     """The same nodes go back to float (or dynamic) with the same harm, and the saved model
-    has the same bytes, whether probes run their changed region or (no cache) the whole model."""
+    has the same bytes, whether probes run their changed region or (no cache, the settings'
+    ``probe_cache_bytes=0``) the whole model."""
     proto = _residual_branch()
     with caplog.at_level(logging.INFO, logger="passes.quant"):
         fast, fast_bytes = _run_pass(
@@ -327,11 +332,15 @@ def test_the_loop_decides_as_with_whole_reruns(
         )
     match = re.search(r"\((\d+) as their changed region", caplog.text)
     assert match is not None and int(match.group(1)) > 0
-    monkeypatch.setattr(probe, "PROBE_CACHE_BYTES", 0)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="passes.quant"):
         whole, whole_bytes = _run_pass(
-            proto, tmp_path, "whole", target_cosine=0.99995, fallback=fallback
+            proto,
+            tmp_path,
+            "whole",
+            Settings(probe_cache_bytes=0),
+            target_cosine=0.99995,
+            fallback=fallback,
         )
     assert "(0 as their changed region" in caplog.text
     moved = set(fast.get("excluded_for_accuracy", {})) | set(fast.get("dynamic_for_accuracy", []))
