@@ -22,27 +22,16 @@ import onnxruntime as ort
 
 from models.export_minilm import (
     EVALUATION_RESERVED,
-    INPUT_NAMES,
     MAX_TOKENS,
     evaluation_sentences,
-    load_tokenizer,
+    tokenize,
 )
 
 
 def batches(texts: Sequence[str], batch: int) -> Iterator[dict[str, np.ndarray]]:
     """Feeds of ``batch`` sentences each, padded to the longest in the batch (≤ 128 tokens)."""
-    tokenizer = load_tokenizer()
     for start in range(0, len(texts), batch):
-        encoded = tokenizer(
-            list(texts[start : start + batch]),
-            padding=True,
-            truncation=True,
-            max_length=MAX_TOKENS,
-            return_tensors="np",
-            return_token_type_ids=True,
-            return_attention_mask=True,
-        )
-        yield {name: np.asarray(encoded[name], dtype=np.int64) for name in INPUT_NAMES}
+        yield tokenize(list(texts[start : start + batch]), MAX_TOKENS, to_longest=True)
 
 
 def documentation_sentences(count: int) -> list[str]:

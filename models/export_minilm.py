@@ -171,11 +171,15 @@ def load_embedder(attn_implementation: str = "eager") -> SentenceEmbedder:
     return SentenceEmbedder(encoder).eval()
 
 
-def tokenize(texts: list[str] | tuple[str, ...], seq_len: int) -> dict[str, np.ndarray]:
-    """Tokenise ``texts`` padded/truncated to exactly ``seq_len``; int64 arrays per model input."""
+def tokenize(
+    texts: list[str] | tuple[str, ...], seq_len: int, *, to_longest: bool = False
+) -> dict[str, np.ndarray]:
+    """Tokenise ``texts`` padded/truncated to exactly ``seq_len`` (with ``to_longest``: padded
+    to the longest of them, at most ``seq_len``, as serving code pads a batch); int64 arrays
+    per model input."""
     enc = load_tokenizer()(
         list(texts),
-        padding="max_length",
+        padding=True if to_longest else "max_length",
         truncation=True,
         max_length=seq_len,
         return_tensors="np",
