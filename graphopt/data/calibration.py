@@ -223,7 +223,7 @@ class TensorStats:
             rows = rows.astype(np.float32)
         rows = np.where(np.isfinite(rows) & (np.abs(rows) < MASK_MAGNITUDE), rows, 0.0)
         known = (self.channel_absmax, self.channel_sumsq, self.gram, *self._row_buffer[:1])
-        seen = next((values.shape[-1] for values in known if values is not None), None)
+        seen = next((stat.shape[-1] for stat in known if stat is not None), None)
         if seen is not None and seen != rows.shape[1]:
             raise DataError(
                 f"calibration: {self.name} has {rows.shape[1]} channels on axis {axis} in one "
