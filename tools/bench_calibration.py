@@ -328,7 +328,11 @@ def markdown(rows: Sequence[Row], setup: dict[str, Any]) -> str:
             pivot(rows),
             "",
             "Collector seconds over 64 docs padded to 128 tokens (XᵀX, sums of squares and "
-            f"histograms of every MatMul input): {setup['collector_seconds']}",
+            "histograms of every MatMul input): "
+            + "; ".join(
+                f"{label} " + " / ".join(f"{value:.1f}" for value in values)
+                for label, values in setup["collector_seconds"].items()
+            ),
             "",
             *(
                 [
