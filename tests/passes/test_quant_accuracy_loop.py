@@ -27,7 +27,7 @@ from graphopt.passkit.probe import changed_region, node_signatures
 from graphopt.settings import Settings
 from passes.quant import Candidate, QuantPass, _Evaluator, _node_map, _rebind
 
-from ..conftest import float_input, make_model, weight
+from ..conftest import float_input, make_model, relu_mlp, weight
 
 
 def _residual_branch() -> onnx.ModelProto:
@@ -57,17 +57,9 @@ def _residual_branch() -> onnx.ModelProto:
 def _output_heads() -> onnx.ModelProto:
     """Two outputs: ``h`` written by mm1 (and read further), ``y`` by mm2: a probe of mm2 leaves
     ``h`` to the float model, a probe of mm1 changes both."""
-    nodes = [
-        helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
-        helper.make_node("Relu", ["h"], ["r"], name="relu"),
-        helper.make_node("MatMul", ["r", "W2"], ["y"], name="mm2"),
-    ]
-    return make_model(
-        nodes,
-        [float_input("x", ["n", 16])],
-        [float_input("h", ["n", 32]), float_input("y", ["n", 8])],
-        [weight("W1", (16, 32), 1), weight("W2", (32, 8), 2)],
-    )
+    model = relu_mlp(16, 32, 8, batch="n")
+    model.graph.output.insert(0, float_input("h", ["n", 32]))
+    return model
 
 
 def _body(name: str, seed: int) -> onnx.GraphProto:
