@@ -410,9 +410,7 @@ def _feeds_for(
     return open_checked(data, specs, batch_size=batch_size)
 
 
-def _padding_mask(
-    model: Model, feeds: Feeds, requested: str | bool | None
-) -> MaskSummary | None:
+def _padding_mask(model: Model, feeds: Feeds, requested: str | bool | None) -> MaskSummary | None:
     """Which input marks padding in ``feeds`` (:mod:`graphopt.data.masking`): calibration
     statistics and validation then count valid positions only; a mask named for synthesized
     data is ignored, with a warning."""

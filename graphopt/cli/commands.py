@@ -707,7 +707,7 @@ def check_command(
         mask = resolve_mask_input(feeds, specs, _mask_input(mask_input_text))
         if mask is not None:
             feeds = feeds.with_mask_input(mask.input)
-            click.echo(mask.describe())
+            click.echo(mask.describe("the comparison"))
     del reference_model
     report = run_gate(
         reference,

@@ -166,11 +166,11 @@ class MaskSummary:
     positions: int
     padding: int
 
-    def describe(self) -> str:
+    def describe(self, left_out_of: str = "calibration and validation") -> str:
         share = 100.0 * self.padding / self.positions if self.positions else 0.0
         return (
             f"mask {self.input}: {self.padding} of {self.positions} positions ({share:.1f} %) "
-            "are padding, left out of calibration and validation"
+            f"are padding, left out of {left_out_of}"
         )
 
 

@@ -6,8 +6,9 @@ Rules:
    the input model's content hash (model file plus every external data file it references),
    the calibration and validation data content hashes, the candidate (sorted passes and their
    options), the batch size, the seed, the graphopt version and the calibration mask setting
-   (``auto``, an input name or False; results from before masking carry none). Paths, timestamps and the output
-   folder never enter a key, so a rerun anywhere with the same inputs finds its results.
+   (``auto``, an input name or False; results from before masking carry none). Paths,
+   timestamps and the output folder never enter a key, so a rerun anywhere with the same inputs
+   finds its results.
 2. Data content hash: an ``.npz`` file by its arrays (sorted names, dtypes, shapes and bytes:
    re-saving the same arrays gives the same hash); a folder by the sorted names and contents of
    its ``.npz`` files (exactly what :func:`graphopt.data.feeds.open_data` reads).
