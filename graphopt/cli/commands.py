@@ -372,10 +372,13 @@ _WHOLE_TENSOR_HELP = (
     "(slices along every axis of size 2-256), so collapsed small-valued channels fail."
 )
 
-_MASK_INPUT_HELP = (
-    "Input whose 0/1 values mark padding positions ([batch, sequence]); calibration statistics "
-    "and validation count valid positions only. Default: an input named like an attention "
-    "mask; none: off."
+_mask_input_option = click.option(
+    "--mask-input",
+    "mask_input_text",
+    metavar="NAME|none",
+    help="Input whose 0/1 values mark padding positions ([batch, sequence]); calibration "
+    "statistics and validation count valid positions only. Default: an input named like an "
+    "attention mask; none: off.",
 )
 
 
@@ -448,7 +451,7 @@ _MASK_INPUT_HELP = (
     help="Run --passes in the order given instead of planning it; exit 2 naming any declared "
     "ordering relation the order breaks.",
 )
-@click.option("--mask-input", "mask_input_text", metavar="NAME|none", help=_MASK_INPUT_HELP)
+@_mask_input_option
 @_tmp_dir_option
 @_threads_option
 @_validation_level_option
@@ -630,7 +633,7 @@ def _check_writable(*paths: Path | None) -> None:
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @_input_shapes_option
-@click.option("--mask-input", "mask_input_text", metavar="NAME|none", help=_MASK_INPUT_HELP)
+@_mask_input_option
 @_tmp_dir_option
 @_threads_option
 @_validation_level_option
@@ -797,7 +800,7 @@ def check_command(
 @click.option("--latency-runs", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @_input_shapes_option
-@click.option("--mask-input", "mask_input_text", metavar="NAME|none", help=_MASK_INPUT_HELP)
+@_mask_input_option
 @_threads_option
 def tune_command(
     input_model: Path,
