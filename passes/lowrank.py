@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from scipy import linalg
 
 from graphopt.data.calibration import (
     StatRequest,
@@ -22,13 +23,22 @@ from graphopt.data.calibration import (
     gram_budget,
     gram_bytes,
 )
-from graphopt.errors import InputError
+from graphopt.errors import InputError, OptionError
 from graphopt.ir import weights
 from graphopt.ir.model import Model, iter_graphs
 from graphopt.passkit.api import Budget, Pass, PassContext, PassResult, WeightClaims
 from graphopt.passkit.options import Option, SearchPoint, SearchSpace, sweep
 from graphopt.passkit.ordering import OrderRank
 from graphopt.passkit.qdq import Namer
+from graphopt.passkit.reconstruct import (
+    Layer,
+    LayerFit,
+    LayerInput,
+    Reconstruction,
+    damped_cholesky,
+    layer_bytes,
+    stages,
+)
 from graphopt.passkit.selection import (
     body_labels,
     count_reasons,
@@ -38,6 +48,7 @@ from graphopt.passkit.selection import (
 )
 from graphopt.passkit.svd import (
     Spectrum,
+    balance,
     break_even_rank,
     decompose,
     factors,
@@ -49,6 +60,8 @@ from graphopt.passkit.svd import (
 logger = logging.getLogger(__name__)
 
 GLOBAL_STEP = 8
+REFIT_DAMP = 1e-6
+"""Rule 9: damping of Aᵀ H A when the second factor is refitted (it is well conditioned)."""
 """Global allocation hands out rank in blocks of this many components (rule 6)."""
 GEMM_OPTIONAL_C_OPSET = 11
 """The first opset whose Gemm may omit C (rule 2)."""
@@ -153,6 +166,13 @@ class LowRankPass(Pass):
        a layer's effect on the output, so uniform stays the default.
     7. Factors split √Σ and are rebalanced per component so A's and B's ranges match
        (:mod:`graphopt.passkit.svd` rule 5): later ``quant`` and ``fp16`` see tame ranges.
+    9. ``method=sequential`` (:mod:`graphopt.passkit.reconstruct`): groups are split stage by
+       stage in graph order; each is fitted to the input X̃ the layers split before it really
+       give it, against the target X W of the model as the pass received it: W* = H⁻¹ G W
+       (H = X̃ᵀX̃, G = X̃ᵀX, damped by ``fit_damp``), whitened SVD of W* with H, then the second
+       factor refitted by least squares on X̃ given the first (SVD-LLM's parameter update).
+       ``allocation=global`` is refused (it needs every spectrum before any split). Body
+       groups get plain SVD as in rule 8.
     8. If/Loop/Scan bodies: candidates come from the main graph and every body, nested ones
        included (:func:`~graphopt.ir.model.iter_graphs`); a weight defined in an outer scope and
        read in a body is a constant like any other. The two new nodes go into the graph that
@@ -180,8 +200,9 @@ class LowRankPass(Pass):
             "method",
             str,
             "auto",
-            "whiten (data-aware, SVD-LLM), svd (plain), auto (whiten with real data)",
-            choices=("auto", "whiten", "svd"),
+            "whiten (data-aware, SVD-LLM), sequential (whitened, each layer fitted to the "
+            "input the already split layers give it), svd (plain), auto (whiten with real data)",
+            choices=("auto", "sequential", "whiten", "svd"),
         ),
         Option("rank", int, 0, "fixed rank for every split (0 = use energy or ratio)", minimum=0),
         Option(
@@ -216,6 +237,13 @@ class LowRankPass(Pass):
             minimum=0.0,
         ),
         Option(
+            "fit_damp",
+            float,
+            0.01,
+            "sequential: damping λ of the fit target (H + λ·mean(diag H)·I)⁻¹ X̃ᵀX W",
+            minimum=0.0,
+        ),
+        Option(
             "min_size",
             int,
             65536,
@@ -244,6 +272,11 @@ class LowRankPass(Pass):
         super().__init__(options)
         if self.options["rank"] > 0 and self.options["energy"] > 0:
             raise InputError("lowrank: set either rank or energy, not both")
+        if self.options["method"] == "sequential" and self.options["allocation"] == "global":
+            raise OptionError(
+                "lowrank: allocation=global needs every layer's spectrum before any split; "
+                "method=sequential splits layer by layer (use allocation=uniform)"
+            )
 
     def call(self, model: Model, context: PassContext) -> PassResult:
         groups, skipped, bodies = self._groups(model.graph, context)
@@ -254,28 +287,36 @@ class LowRankPass(Pass):
         if data_aware:
             _log_data_free(data_free)
         use_global = self.options["allocation"] == "global" and not self._fixed_target()
+        sequential = data_aware and self.options["method"] == "sequential"
         chunks = (
             chunk_by_budget(measured, _gram_tensors, gram_budget(model, context.settings))
-            if measured
+            if measured and not sequential
             else []
         )
         decisions: list[Decision] = []
+        touched: list[str] = []
         seed = context.seed
+        runs = len(chunks)
+        if sequential and measured:
+            decisions, touched, runs = self._fit_sequentially(model, measured, context, skipped)
+            seed += len(measured)
         for chunk in chunks:
             grams = self._grams(model, chunk, context)
             decisions += self._decide(model, chunk, grams, skipped, seed, use_global)
             seed += len(chunk)
             del grams
-        decisions += self._decide(model, data_free, None, skipped, seed, use_global)
+        data_free_decisions = self._decide(model, data_free, None, skipped, seed, use_global)
+        decisions += data_free_decisions
         if use_global:
             decisions = _allocate_globally(decisions, self.options["ratio"])
             for decision in decisions:
                 self._factor(model, decision)
-        touched = self._rewrite(model.graph, decisions, context.claims, model.opset)
+        rewritten = decisions if not sequential else data_free_decisions
+        touched += self._rewrite(model.graph, rewritten, context.claims, model.opset)
         params_before = sum(d.group.shape[0] * d.group.shape[1] for d in decisions)
         params_after = sum(d.rank * sum(d.group.shape) for d in decisions)
         stats: dict[str, Any] = {
-            "method": "whiten" if measured else "svd",
+            "method": ("sequential" if sequential else "whiten") if measured else "svd",
             "split": len(touched),
             "weights_factored": len(decisions),
             "params_before": params_before,
@@ -287,8 +328,8 @@ class LowRankPass(Pass):
             stats["in_subgraphs"] = len(in_bodies)
         if data_aware and in_bodies:
             stats["data_free_in_subgraphs"] = len(in_bodies)
-        if len(chunks) > 1:
-            stats["calibration_runs"] = len(chunks)
+        if runs > 1:
+            stats["calibration_runs"] = runs
         if skipped:
             stats["skipped"] = count_reasons(skipped.values())
         skipped_in_bodies = [reason for label, reason in skipped.items() if label in bodies]
@@ -402,8 +443,8 @@ class LowRankPass(Pass):
         if method == "svd":
             return False
         real_data = context.has_real_data
-        if method == "whiten":
-            context.require_feeds("lowrank method=whiten")
+        if method in ("whiten", "sequential"):
+            context.require_feeds(f"lowrank method={method}")
             if not real_data:
                 logger.warning("lowrank: whitening with synthetic data; give --calib-data")
             return True
@@ -434,6 +475,96 @@ class LowRankPass(Pass):
             settings=context.settings,
         )
         return {name: s.gram for name, s in stats.items() if s.gram is not None}
+
+    # --- rule 9 -------------------------------------------------------------------------------
+
+    def _fit_sequentially(
+        self,
+        model: Model,
+        groups: list[WeightGroup],
+        context: PassContext,
+        skipped: dict[str, str],
+    ) -> tuple[list[Decision], list[str], int]:
+        """Rule 9: split stage by stage, each group fitted to the input the split layers
+        before it give it. Returns the decisions, the rewritten nodes and the engine's runs."""
+        feeds = context.require_feeds("lowrank method=sequential")  # _data_aware checked it
+        by_key = {group.label: group for group in groups}
+        layers = [
+            Layer(
+                group.label,
+                tuple(LayerInput(c.activation.name, c.channel_axis) for c in group.consumers),
+                tuple(c.node for c in group.consumers),
+                group.shape[0],
+            )
+            for group in groups
+        ]
+        model.graph.toposort()
+        budget = gram_budget(model, context.settings)
+        decisions: list[Decision] = []
+        touched: list[str] = []
+        seed = context.seed
+        with Reconstruction(
+            model,
+            feeds,
+            settings=context.settings,
+            label="lowrank",
+            on_batch=lambda index: context.report_progress("lowrank: fitting", index),
+        ) as engine:
+            for stage in stages(model.graph, layers):
+                fitted: list[Decision] = []
+                for chunk in chunk_by_budget(stage, layer_bytes, budget):
+                    fits = engine.measure(chunk)
+                    for layer in chunk:
+                        group = by_key[layer.key]
+                        decision = self._fit_group(model, group, fits[layer.key], skipped, seed)
+                        seed += 1
+                        if decision is not None:
+                            fitted.append(decision)
+                    del fits
+                touched += self._rewrite(model.graph, fitted, context.claims, model.opset)
+                decisions += fitted
+            runs = engine.runs
+        logger.info("lowrank: fitted %d weights sequentially in %d runs", len(decisions), runs)
+        return decisions, touched, runs
+
+    def _fit_group(
+        self,
+        model: Model,
+        group: WeightGroup,
+        fit: LayerFit,
+        skipped: dict[str, str],
+        seed: int,
+    ) -> Decision | None:
+        """Rule 9 for one group: whitened SVD of W* with H, then B refitted given A."""
+        rows, cols = group.shape
+        wanted = self._planned_rank(rows, cols)
+        keep = max_rank(rows, cols) if wanted is None else wanted
+        weight = group.matrix().astype(np.float64)
+        try:
+            target = fit.target(weight, self.options["fit_damp"])
+            spectrum = decompose(
+                target, keep, gram=fit.hessian, damping=self.options["damping"], seed=seed
+            )
+        except (ValueError, np.linalg.LinAlgError) as error:
+            self._skip(group, f"cannot whiten ({error})", skipped)
+            return None
+        rank = wanted if wanted is not None else self._energy_rank(spectrum)
+        if rank > max_rank(rows, cols):
+            self._skip(group, _break_even_reason(rank, rows, cols), skipped)
+            return None
+        first, second = factors(spectrum, rank, np.dtype(np.float64))
+        # SVD-LLM's parameter update: B = (Aᵀ H A)⁻¹ Aᵀ G W, the least-squares second factor
+        # on X̃ given A (it absorbs what damping and the truncation left of W*'s fit)
+        projected = first.T @ fit.hessian @ first
+        second = linalg.cho_solve(
+            damped_cholesky(projected, REFIT_DAMP), first.T @ fit.cross @ weight
+        )
+        first, second = balance(first, second)
+        decision = Decision(group, rank, spectrum.relative_error(rank))
+        base = group.weight.name
+        decision.first = weights.store(model, first.astype(np.float32), f"{base}_lowrank_A")
+        decision.second = weights.store(model, second.astype(np.float32), f"{base}_lowrank_B")
+        return decision
 
     # --- rules 3, 5, 6 ------------------------------------------------------------------------
 

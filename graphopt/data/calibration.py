@@ -305,27 +305,21 @@ def collect(
         missing = [name for name in names if name not in available]
         if missing:
             raise ValueError(f"tensors not produced by the graph: {', '.join(missing[:5])}")
-        probed: list[tuple[int, int]] = []  # (input values per sample, samples per run)
         positions = padding = 0
-        for index, feed in enumerate(feeds):
-            if max_batches is not None and index >= max_batches:
-                break
-            per_run = _known_samples_per_run(probed, feed)
-            if per_run is None:
-                per_run = _samples_per_run(session, names, feed, output_budget(settings))
-                probed.append((_values_per_sample(feed), per_run))
-            for part in _split_feed(feed, per_run):
-                mask = run_mask(part, mask_input)
-                if mask is not None:
-                    positions += mask.valid.size
-                    padding += mask.padding
-                values = session.run(names, part)
-                for name, value in zip(names, values, strict=True):
-                    stats[name].update(np.asarray(value), merged[name], mask)
-                del values
-            batches += 1
-            if on_batch is not None:
-                on_batch(index)
+        for index, part, mask in iter_runs(
+            [session], names, feeds, output_budget(settings), max_batches=max_batches
+        ):
+            if mask is not None:
+                positions += mask.valid.size
+                padding += mask.padding
+            values = session.run(names, part)
+            for name, value in zip(names, values, strict=True):
+                stats[name].update(np.asarray(value), merged[name], mask)
+            del values
+            if index >= batches:
+                batches = index + 1
+                if on_batch is not None:
+                    on_batch(index)
         del session
     for tensor_stats in stats.values():
         tensor_stats.finish()
@@ -346,6 +340,34 @@ def collect(
     if skipped:
         logger.info("calibration skipped non-finite values in %d tensors", len(skipped))
     return stats
+
+
+def iter_runs(
+    sessions: Sequence[ort.InferenceSession],
+    names: Sequence[str],
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    budget: int,
+    *,
+    max_batches: int | None = None,
+) -> Iterator[tuple[int, dict[str, np.ndarray], RunMask | None]]:
+    """The runs rule 6 makes of ``feeds``: (feed index, part of the feed, its padding mask).
+
+    Each part is small enough that every one of ``sessions`` returns at most ``budget`` bytes
+    of ``names`` for it together (one sample of each is run to measure that); the mask comes
+    from the feeds' mask input (rule 8), None without one.
+    """
+    mask_input = feeds.mask_input if isinstance(feeds, Feeds) else None
+    share = max(1, budget // max(len(sessions), 1))
+    probed: list[tuple[int, int]] = []  # (input values per sample, samples per run)
+    for index, feed in enumerate(feeds):
+        if max_batches is not None and index >= max_batches:
+            break
+        per_run = _known_samples_per_run(probed, feed)
+        if per_run is None:
+            per_run = min(_samples_per_run(each, list(names), feed, share) for each in sessions)
+            probed.append((_values_per_sample(feed), per_run))
+        for part in _split_feed(feed, per_run):
+            yield index, part, run_mask(part, mask_input)
 
 
 def _batch_length(feed: Mapping[str, np.ndarray]) -> int | None:

@@ -32,6 +32,8 @@ Rules this module follows:
    that encloses all of them (bodies see outer-scope names), as the exporter had it:
    onnx-graphsurgeon exports a copy into every body that reads it, which made a torch
    export with weights declared in an If branch and read in nested bodies 1.42× larger.
+8. A run that needs a few early tensors runs a prefix of the graph (:func:`prefix_model`):
+   ONNX Runtime computes every node of a session whichever outputs a run asks for.
 """
 
 from __future__ import annotations
@@ -812,6 +814,154 @@ def runnable_model(model: Model, extra_outputs: Sequence[str] = ()) -> Iterator[
                         _mark_inline(tensor)
         yield InMemoryModel(proto.SerializeToString(), ort_folder.resolve(), mapped, onnx_types)
         del proto, mapped
+
+
+def prefix_model(runnable: InMemoryModel, outputs: Sequence[str]) -> InMemoryModel:
+    """Rule 8: ``runnable`` cut down to what computing ``outputs`` needs, which become its only
+    outputs.
+
+    ONNX Runtime runs every node of a session whatever outputs a run asks for, so a caller that
+    needs early tensors of a large graph (a sequential fit reads one layer's input at a time)
+    runs a prefix instead. Nodes are kept walking back from ``outputs``, with the names a
+    control-flow body reads from enclosing graphs; initializers (and handed-over arrays) nobody
+    keeps reading are dropped; the graph inputs stay declared, so the same feeds work.
+    """
+    proto = onnx.ModelProto()
+    proto.ParseFromString(runnable.proto)
+    graph = proto.graph
+    needed = set(outputs)
+    kept: list[onnx.NodeProto] = []
+    for node in reversed(graph.node):
+        if not needed.intersection(node.output):
+            continue
+        kept.append(node)
+        needed.update(name for name in node.input if name)
+        needed.update(_outer_reads(node))
+    kept.reverse()
+    produced = {name for node in kept for name in node.output}
+    known = produced | {value.name for value in graph.input}
+    known |= {tensor.name for tensor in graph.initializer}
+    missing = [name for name in outputs if name not in known]
+    if missing:
+        raise ValueError(f"tensors not produced by the graph: {', '.join(missing[:5])}")
+    del graph.node[:]
+    graph.node.extend(kept)
+    initializers = [tensor for tensor in graph.initializer if tensor.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    sparse = [tensor for tensor in graph.sparse_initializer if tensor.values.name in needed]
+    del graph.sparse_initializer[:]
+    graph.sparse_initializer.extend(sparse)
+    del graph.output[:]
+    graph.output.extend(helper.make_empty_tensor_value_info(name) for name in outputs)
+    del graph.value_info[:]
+    handed = {name: array for name, array in runnable.initializers.items() if name in needed}
+    types = {name: kind for name, kind in runnable.onnx_types.items() if name in handed}
+    return InMemoryModel(proto.SerializeToString(), runnable.folder, handed, types)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rule 8: the part of a graph between tensors already computed and the ones wanted."""
+
+    model: InMemoryModel
+    inputs: tuple[str, ...]
+    """Already computed tensors the segment reads (graph inputs among them), in feed order."""
+    outputs: tuple[str, ...]
+    """The wanted tensors, then those computed here that nodes still to run read."""
+    nodes: frozenset[str]
+    """The nodes it runs, by :func:`node_key`."""
+    live: frozenset[str]
+    """Every tensor a node not yet run reads: what is worth keeping after this segment."""
+
+
+def node_key(node: onnx.NodeProto) -> str:
+    """A node's identity across exports: its first output (names may be empty)."""
+    return node.output[0] if node.output else node.name
+
+
+def segment_model(
+    runnable: InMemoryModel,
+    wanted: Sequence[str],
+    available: Mapping[str, int],
+    done: frozenset[str] | set[str],
+) -> Segment:
+    """Rule 8: the nodes computing ``wanted`` from ``available`` tensors (name → ONNX element
+    type), which become graph inputs; nodes in ``done`` (by :func:`node_key`) ran before.
+
+    Raises ValueError when a tensor the segment needs is neither available, nor computed by a
+    node not yet run, nor an initializer.
+    """
+    proto = onnx.ModelProto()
+    proto.ParseFromString(runnable.proto)
+    graph = proto.graph
+    needed = set(wanted)
+    kept: list[onnx.NodeProto] = []
+    for node in reversed(graph.node):
+        if not any(name in needed and name not in available for name in node.output):
+            continue
+        if node_key(node) in done:
+            raise ValueError(f"{node_key(node)} ran before but its output was not kept")
+        kept.append(node)
+        needed.update(name for name in node.input if name)
+        needed.update(_outer_reads(node))
+    kept.reverse()
+    ran = {node_key(node) for node in kept} | set(done)
+    live: set[str] = set()
+    for node in graph.node:
+        if node_key(node) not in ran:
+            live.update(name for name in node.input if name)
+            live.update(_outer_reads(node))
+    produced = {name for node in kept for name in node.output}
+    initializers = {tensor.name for tensor in graph.initializer}
+    inputs = sorted(name for name in needed if name in available and name not in produced)
+    missing = [
+        name
+        for name in needed
+        if name not in produced and name not in available and name not in initializers
+    ]
+    if missing:
+        raise ValueError(
+            f"tensors neither computed nor available: {', '.join(sorted(missing)[:5])}"
+        )
+    extra = sorted(name for name in produced & live if name not in set(wanted))
+    outputs = (*wanted, *extra)
+    del graph.node[:]
+    graph.node.extend(kept)
+    kept_initializers = [tensor for tensor in graph.initializer if tensor.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(kept_initializers)
+    del graph.sparse_initializer[:]
+    del graph.input[:]
+    graph.input.extend(
+        helper.make_tensor_value_info(name, available[name], None) for name in inputs
+    )
+    del graph.output[:]
+    graph.output.extend(helper.make_empty_tensor_value_info(name) for name in outputs)
+    del graph.value_info[:]
+    handed = {name: array for name, array in runnable.initializers.items() if name in needed}
+    types = {name: kind for name, kind in runnable.onnx_types.items() if name in handed}
+    model = InMemoryModel(proto.SerializeToString(), runnable.folder, handed, types)
+    return Segment(
+        model, tuple(inputs), outputs, frozenset(node_key(n) for n in kept), frozenset(live)
+    )
+
+
+def _outer_reads(node: onnx.NodeProto) -> set[str]:
+    """Names ``node``'s control-flow bodies (at any depth) read without defining them."""
+    reads: set[str] = set()
+    for attribute in node.attribute:
+        bodies = list(attribute.graphs) + ([attribute.g] if attribute.HasField("g") else [])
+        for body in bodies:
+            defined = {value.name for value in body.input}
+            defined |= {tensor.name for tensor in body.initializer}
+            defined |= {name for inner in body.node for name in inner.output}
+            read = {name for inner in body.node for name in inner.input if name}
+            read |= {value.name for value in body.output}
+            for inner in body.node:
+                read |= _outer_reads(inner)
+            reads |= read - defined
+    return reads
 
 
 def _mark_inline(tensor: onnx.TensorProto) -> None:

@@ -178,14 +178,18 @@ def factors(spectrum: Spectrum, rank: int, dtype: np.dtype) -> tuple[np.ndarray,
         first = linalg.solve_triangular(
             spectrum.whitening, first, trans="T", lower=True, check_finite=False
         )
+    first, second = balance(first, second)
+    return first.astype(dtype), second.astype(dtype, copy=False)
+
+
+def balance(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rule 5: scale each component so A's column and B's row have the same peak (A·B kept)."""
     first_peak = np.abs(first).max(axis=0)
     second_peak = np.abs(second).max(axis=1)
     usable = (first_peak > 0) & (second_peak > 0)
-    balance = np.ones(rank)
-    balance[usable] = np.sqrt(second_peak[usable] / first_peak[usable])
-    first *= balance
-    second /= balance[:, None].astype(second.dtype)
-    return first.astype(dtype), second.astype(dtype, copy=False)
+    scale = np.ones(first.shape[1])
+    scale[usable] = np.sqrt(second_peak[usable] / first_peak[usable])
+    return first * scale, second / scale[:, None].astype(second.dtype)
 
 
 def _randomized_svd(

@@ -223,3 +223,83 @@ def test_metadata_survives(tmp_path: Path, mlp_model: onnx.ModelProto) -> None:
     saved = onnx.load(str(out))
     assert saved.producer_name == "unit-test"
     assert {p.key: p.value for p in saved.metadata_props} == {"author": "graphopt-test"}
+
+
+def _if_model() -> onnx.ModelProto:
+    """x → mm1 → h → mm2 → y, and an If whose branches read h and the outer weight C."""
+    then_branch = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "C"], ["t"], name="then_mm")],
+        "then",
+        [],
+        [float_input("t", ["n", 64])],
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("Identity", ["h"], ["e"], name="else_id")],
+        "else",
+        [],
+        [float_input("e", ["n", 64])],
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "A"], ["h"], name="mm1"),
+        helper.make_node("MatMul", ["h", "B"], ["y"], name="mm2"),
+        helper.make_node("ReduceSum", ["x"], ["s"], name="sum", keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["positive"], name="cmp"),
+        helper.make_node(
+            "If",
+            ["positive"],
+            ["z"],
+            name="branch",
+            then_branch=then_branch,
+            else_branch=else_branch,
+        ),
+    ]
+    zero = onnx.numpy_helper.from_array(np.zeros((), np.float32), "zero")
+    return make_model(
+        nodes,
+        [float_input("x", ["n", 64])],
+        [float_input("y", ["n", 64]), float_input("z", ["n", 64])],
+        [weight("A", (64, 64), 1), weight("B", (64, 64), 2), weight("C", (64, 64), 3), zero],
+    )
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_prefix_model_runs_only_what_the_outputs_need(tmp_path: Path, external: bool) -> None:
+    from graphopt.ir.model import prefix_model, runnable_model
+    from graphopt.ir.ort import make_session
+
+    source = _if_model()
+    path = tmp_path / "m.onnx"
+    if external:
+        _save_external(source, path)
+    else:
+        onnx.save(source, str(path))
+    model = load_model(path)
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    with runnable_model(model, extra_outputs=["h"]) as runnable:
+        whole = make_session(runnable, optimize=False)
+        expected = dict(zip(["h", "z"], whole.run(["h", "z"], {"x": x}), strict=True))
+        early = prefix_model(runnable, ["h"])
+        late = prefix_model(runnable, ["z"])
+        (h,) = make_session(early, optimize=False).run(["h"], {"x": x})
+        (z,) = make_session(late, optimize=False).run(["z"], {"x": x})
+    early_proto = onnx.load_from_string(early.proto)
+    assert [node.name for node in early_proto.graph.node] == ["mm1"]
+    assert {t.name for t in early_proto.graph.initializer} | set(early.initializers) == {"A"}
+    assert [output.name for output in early_proto.graph.output] == ["h"]
+    late_proto = onnx.load_from_string(late.proto)
+    # the If reads h from the outer graph (C travels inside the branch): mm1 stays, mm2 and B go
+    assert "mm2" not in {node.name for node in late_proto.graph.node}
+    assert {"mm1", "branch"} <= {node.name for node in late_proto.graph.node}
+    kept = {t.name for t in late_proto.graph.initializer} | set(late.initializers)
+    assert "B" not in kept and "A" in kept
+    np.testing.assert_array_equal(h, expected["h"])
+    np.testing.assert_array_equal(z, expected["z"])
+
+
+def test_prefix_model_names_a_tensor_the_graph_lacks(tmp_path: Path) -> None:
+    from graphopt.ir.model import prefix_model, runnable_model
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_if_model(), str(path))
+    with runnable_model(load_model(path)) as runnable, pytest.raises(ValueError, match="nope"):
+        prefix_model(runnable, ["nope"])

@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.data.feeds import input_specs, open_data, synthesize
+from graphopt.errors import OptionError
 from graphopt.ir.model import model_from_proto, save_model
 from graphopt.ir.normalize import normalize
 from graphopt.passkit.api import PassContext, PassResult
@@ -25,6 +26,7 @@ from graphopt.passkit.svd import (
     round_rank,
 )
 from graphopt.pipeline import optimize
+from graphopt.settings import Settings
 from passes.lowrank import LowRankPass
 
 from ..conftest import float_input, make_model, run_cli, run_ort, sha256_of, weight
@@ -509,3 +511,65 @@ def test_gram_statistics_match_numpy_across_buffer_flushes(
     rows = np.maximum(np.concatenate([b["x"] for b in batches]).astype(np.float64), 0.0)
     assert stats["r"].rows == 14
     np.testing.assert_allclose(stats["r"].gram, rows.T @ rows, rtol=1e-5)
+
+
+def _two_layer_chain(seed: int = 5) -> onnx.ModelProto:
+    """x → mm1 (correlated 64×64) → Relu → mm2 (64×64) → y: mm2 sees mm1's split error."""
+    rng = np.random.default_rng(seed)
+    first = (rng.standard_normal((64, 64)) * np.geomspace(10, 0.05, 64)).astype(np.float32)
+    second = rng.standard_normal((64, 64)).astype(np.float32)
+    return make_model(
+        [
+            helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("MatMul", ["r", "W2"], ["y"], name="mm2"),
+        ],
+        [float_input("x", ["batch", 64])],
+        [float_input("y", ["batch", 64])],
+        [numpy_helper.from_array(first, "W1"), numpy_helper.from_array(second, "W2")],
+    )
+
+
+def test_sequential_fit_absorbs_the_error_of_earlier_splits(tmp_path: Path) -> None:
+    """Rule 9: mm2 fitted on the input split mm1 gives it beats mm2 fitted on the float input."""
+    proto = _two_layer_chain()
+    feeds = list(_feeds(proto))
+    errors = {}
+    for method in ("whiten", "sequential"):
+        out, result = _run(proto, tmp_path, method=method, rank=16)
+        assert result.stats["method"] == method
+        assert result.stats["split"] == 2
+        errors[method] = sum(
+            np.linalg.norm(run_ort(out, feed)[0] - run_ort(proto, feed)[0]) for feed in feeds
+        )
+    assert errors["sequential"] < 0.85 * errors["whiten"]
+
+
+def test_sequential_refuses_global_allocation() -> None:
+    with pytest.raises(OptionError, match="allocation=global"):
+        LowRankPass({"method": "sequential", "allocation": "global"})
+
+
+def test_sequential_is_byte_identical_across_runs(tmp_path: Path) -> None:
+    proto = _two_layer_chain()
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    first, _ = _run(proto, tmp_path / "a", method="sequential", rank=16)
+    second, _ = _run(proto, tmp_path / "b", method="sequential", rank=16)
+    assert sha256_of(first) == sha256_of(second)
+
+
+def test_sequential_segments_give_the_prefix_runs_model(tmp_path: Path) -> None:
+    """Reconstruction rule 7: fed from kept activations or run from the feeds, the same bytes."""
+    proto = _two_layer_chain()
+    outputs = []
+    for budget in (None, 0):
+        folder = tmp_path / f"cache{budget}"
+        folder.mkdir()
+        model = model_from_proto(proto)
+        normalize(model, materialize_weights=True)
+        context = PassContext(data=_feeds(proto), settings=Settings(probe_cache_bytes=budget))
+        result = LowRankPass({"method": "sequential", "rank": 16, "min_size": 0})(model, context)
+        outputs.append(folder / "m.onnx")
+        save_model(result.model, outputs[-1])
+    assert sha256_of(outputs[0]) == sha256_of(outputs[1])
