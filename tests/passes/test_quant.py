@@ -456,7 +456,9 @@ def test_int4_blocks_round_trip_and_match_matmulnbits(tmp_path: Path) -> None:
     assert packed.shape == (6, 2, 16) and scales.shape == (12,)
     restored = unpack_int4_blocks(packed, scales, 40)
     assert np.abs(restored - values).max() <= scales.max() / 2 + 1e-6
-    out, _ = _quantize(_mlp(hidden=64), tmp_path, weight_bits=4, block_size=16, target_cosine=0.0)
+    out, _ = _quantize(
+        _mlp(hidden=64), tmp_path, weight_bits=4, block_size=16, target_cosine=0.0, symmetric=True
+    )
     assert _ops(out)["MatMulNBits"] == 2
     inits = _initializers(out)
     feed = {"x": np.random.default_rng(4).standard_normal((3, 16)).astype(np.float32)}
@@ -465,6 +467,126 @@ def test_int4_blocks_round_trip_and_match_matmulnbits(tmp_path: Path) -> None:
     w2 = unpack_int4_blocks(inits["W2_int4"], inits["W2_int4_scales"], 64)
     expected = np.maximum(feed["x"] @ w1, 0) @ w2
     np.testing.assert_allclose(run_ort(out, feed)[0], expected, rtol=1e-3, atol=1e-3)
+
+
+def test_int4_asymmetric_blocks_with_zero_points_and_accuracy_level(tmp_path: Path) -> None:
+    from passes.quant import unpack_int4_blocks
+
+    out, result = _quantize(
+        _mlp(hidden=48), tmp_path, weight_bits=4, block_size=32, target_cosine=0.0, accuracy_level=4
+    )
+    assert result.stats["by_scheme"] == {"int4": 2}
+    inits = _initializers(out)
+    assert inits["W1_int4_zero_points"].dtype == np.uint8  # rule 8: asymmetric by default
+    node = next(n for n in onnx.load(str(out)).graph.node if n.op_type == "MatMulNBits")
+    assert {a.name: a.i for a in node.attribute}["accuracy_level"] == 4
+    w2 = unpack_int4_blocks(
+        inits["W2_int4"], inits["W2_int4_scales"], 48, inits["W2_int4_zero_points"]
+    )
+    reference = numpy_helper.to_array(weight("W2", (48, 8), 2))
+    assert np.abs(w2 - reference).max() < 0.2 * np.abs(reference).max()
+    feed = {"x": np.random.default_rng(4).standard_normal((3, 16)).astype(np.float32)}
+    assert _cosine(run_ort(_mlp(hidden=48), feed)[0], run_ort(out, feed)[0]) > 0.99
+
+
+def test_int4_without_the_accuracy_loop_or_data_writes_a_valid_model(tmp_path: Path) -> None:
+    """Regression (issue 19): with ``target_cosine=0``, or without data, ``weight_bits=4``
+    wrote MatMulNBits without importing the com.microsoft domain (an invalid model)."""
+    from graphopt.pipeline import optimize
+
+    source = tmp_path / "mlp.onnx"
+    onnx.save(_mlp(hidden=64), str(source))
+    feed = {"x": np.random.default_rng(5).standard_normal((4, 16)).astype(np.float32)}
+    reference = run_ort(source, feed)[0]
+    for label, data in (("no-loop", _feeds(_mlp(hidden=64))), ("no-data", None)):
+        out = tmp_path / f"{label}.onnx"
+        optimize(
+            source,
+            out,
+            ["quant"],
+            options={"quant": {"weight_bits": 4, "target_cosine": 0, "min_macs": 0}},
+            data=data,
+            validate=False,
+        )
+        saved = onnx.load(str(out))
+        assert {o.domain for o in saved.opset_import} >= {"", "com.microsoft"}, label
+        onnx.checker.check_model(saved, full_check=True)
+        assert _ops(out)["MatMulNBits"] == 2, label
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        assert _cosine(reference, session.run(None, feed)[0]) > 0.99, label
+
+
+def test_int4_dequantize_layout_asks_for_opset_21(tmp_path: Path) -> None:
+    from graphopt.pipeline import optimize
+
+    source = tmp_path / "mlp.onnx"
+    onnx.save(_mlp(hidden=64), str(source))  # opset 17
+    assert QuantPass({"weight_bits": 4, "int4_layout": "dequantize"}).required_opset() == 21
+    assert QuantPass({"weight_bits": 4}).required_opset() == 13
+    out = tmp_path / "dq.onnx"
+    optimize(
+        source,
+        out,
+        ["quant"],
+        options={
+            "quant": {
+                "weight_bits": 4,
+                "int4_layout": "dequantize",
+                "target_cosine": 0,
+                "min_macs": 0,
+            }
+        },
+        data=_feeds(_mlp(hidden=64)),
+        validate=False,
+    )
+    saved = onnx.load(str(out))
+    onnx.checker.check_model(saved, full_check=True)
+    assert next(o.version for o in saved.opset_import if o.domain in ("", "ai.onnx")) >= 21
+    assert _ops(out)["DequantizeLinear"] == 2 and _ops(out)["MatMulNBits"] == 0
+    feed = {"x": np.random.default_rng(6).standard_normal((4, 16)).astype(np.float32)}
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert _cosine(run_ort(source, feed)[0], session.run(None, feed)[0]) > 0.99
+
+
+def test_int4_dequantize_layout_below_opset_21_writes_matmulnbits(tmp_path: Path) -> None:
+    """Called without the pipeline's upgrade, an opset-17 model keeps MatMulNBits, noted."""
+    out, result = _quantize(
+        _mlp(), tmp_path, weight_bits=4, int4_layout="dequantize", target_cosine=0.0
+    )
+    assert "opset 17" in result.stats["int4_layout"]
+    assert _ops(out)["MatMulNBits"] == 2
+
+
+def test_int4_embeddings_become_gather_block_quantized(tmp_path: Path) -> None:
+    vocab, hidden = 2048, 64  # 131072 values: above the embedding threshold
+    table = np.random.default_rng(7).standard_normal((vocab, hidden)).astype(np.float32)
+    proto = make_model(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["e"], name="embed", axis=0),
+            helper.make_node("MatMul", ["e", "W"], ["y"], name="mm"),
+        ],
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n", 5])],
+        [float_input("y", ["n", 5, 8])],
+        [numpy_helper.from_array(table, "table"), weight("W", (hidden, 8), 3)],
+    )
+    out, result = _quantize(
+        proto, tmp_path, weight_bits=4, embedding_bits=4, block_size=32, target_cosine=0.0
+    )
+    assert result.stats["embeddings"] == 1
+    assert _ops(out)["GatherBlockQuantized"] == 1 and _ops(out)["Gather"] == 0
+    assert _initializers(out)["table_int4"].shape == (vocab, hidden // 2)
+    feed = {"ids": np.random.default_rng(8).integers(0, vocab, (3, 5)).astype(np.int64)}
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert _cosine(run_ort(proto, feed)[0], session.run(None, feed)[0]) > 0.99
+
+
+def test_int4_block_size_must_be_a_power_of_two() -> None:
+    from graphopt.errors import OptionError
+
+    with pytest.raises(OptionError, match="quant.block_size"):
+        QuantPass({"block_size": 48})
+    with pytest.raises(OptionError, match="quant.int4_layout"):
+        QuantPass({"int4_layout": "qdq"})
 
 
 def test_bad_weight_bits_is_rejected() -> None:
