@@ -557,7 +557,7 @@ class LowRankPass(Pass):
         # on X̃ given A (it absorbs what damping and the truncation left of W*'s fit)
         projected = first.T @ fit.hessian @ first
         second = linalg.cho_solve(
-            damped_cholesky(projected, REFIT_DAMP), first.T @ fit.cross @ weight
+            damped_cholesky(projected, REFIT_DAMP)[:2], first.T @ fit.cross @ weight
         )
         first, second = balance(first, second)
         decision = Decision(group, rank, spectrum.relative_error(rank))

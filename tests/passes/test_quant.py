@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from ..conftest import (
     make_model,
     relu_mlp,
     run_ort,
+    sha256_of,
     weight,
 )
 
@@ -473,7 +475,13 @@ def test_int4_asymmetric_blocks_with_zero_points_and_accuracy_level(tmp_path: Pa
     from passes.quant import unpack_int4_blocks
 
     out, result = _quantize(
-        _mlp(hidden=48), tmp_path, weight_bits=4, block_size=32, target_cosine=0.0, accuracy_level=4
+        _mlp(hidden=48),
+        tmp_path,
+        weight_bits=4,
+        block_size=32,
+        target_cosine=0.0,
+        accuracy_level=4,
+        rounding="nearest",  # the weights themselves are compared below
     )
     assert result.stats["by_scheme"] == {"int4": 2}
     inits = _initializers(out)
@@ -496,7 +504,8 @@ def test_int4_without_the_accuracy_loop_or_data_writes_a_valid_model(tmp_path: P
 
     source = tmp_path / "mlp.onnx"
     onnx.save(_mlp(hidden=64), str(source))
-    feed = {"x": np.random.default_rng(5).standard_normal((4, 16)).astype(np.float32)}
+    # held-out feeds from the calibration data's distribution (GPTQ fits that distribution)
+    feed = next(iter(_feeds(_mlp(hidden=64), seed=5)))
     reference = run_ort(source, feed)[0]
     for label, data in (("no-loop", _feeds(_mlp(hidden=64))), ("no-data", None)):
         out = tmp_path / f"{label}.onnx"
@@ -543,7 +552,7 @@ def test_int4_dequantize_layout_asks_for_opset_21(tmp_path: Path) -> None:
     onnx.checker.check_model(saved, full_check=True)
     assert next(o.version for o in saved.opset_import if o.domain in ("", "ai.onnx")) >= 21
     assert _ops(out)["DequantizeLinear"] == 2 and _ops(out)["MatMulNBits"] == 0
-    feed = {"x": np.random.default_rng(6).standard_normal((4, 16)).astype(np.float32)}
+    feed = next(iter(_feeds(_mlp(hidden=64), seed=6)))  # the calibration data's distribution
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert _cosine(run_ort(source, feed)[0], session.run(None, feed)[0]) > 0.99
 
@@ -678,3 +687,97 @@ def test_calibration_reports_progress(tmp_path: Path) -> None:
     progress = [info for kind, info in events if kind == "progress"]
     assert [p["index"] for p in progress] == list(range(8))
     assert progress[0]["label"] == "quant: calibrating"
+
+
+def _deep_mlp(seed: int = 3) -> onnx.ModelProto:
+    """x → 4 × (MatMul 128×128 → Relu) → y: later layers see earlier layers' int4 error."""
+    rng = np.random.default_rng(seed)
+    nodes, initializers, previous = [], [], "x"
+    for index in range(4):
+        scales = np.geomspace(4.0, 0.25, 128)[:, None]
+        values = (rng.standard_normal((128, 128)) * scales / np.sqrt(128)).astype(np.float32)
+        initializers.append(numpy_helper.from_array(values, f"W{index}"))
+        nodes.append(
+            helper.make_node("MatMul", [previous, f"W{index}"], [f"h{index}"], name=f"mm{index}")
+        )
+        nodes.append(helper.make_node("Relu", [f"h{index}"], [f"r{index}"], name=f"relu{index}"))
+        previous = f"r{index}"
+    nodes[-1] = helper.make_node("Relu", ["h3"], ["y"], name="relu3")
+    return make_model(
+        nodes, [float_input("x", ["n", 128])], [float_input("y", ["n", 128])], initializers
+    )
+
+
+def test_int4_gptq_and_sequential_rounding_beat_round_to_nearest(tmp_path: Path) -> None:
+    """Rule 8: GPTQ lowers the int4 output error on the calibration distribution, and the
+    sequential fit (each layer on the input the quantized layers before it give it) lowers it
+    further."""
+    proto = _deep_mlp()
+    feeds = [next(iter(_feeds(proto, seed=seed))) for seed in (11, 12)]
+    errors = {}
+    for rounding in ("nearest", "gptq", "sequential"):
+        model = model_from_proto(proto)
+        normalize(model, materialize_weights=True)
+        options = {"weight_bits": 4, "target_cosine": 0.0, "rounding": rounding, "min_macs": 0}
+        # 512 rows for 128 channels, damped as a small calibration set needs
+        result = QuantPass({**options, "gptq_damp": 0.1})(
+            model, PassContext(data=_feeds(proto, samples=512))
+        )
+        out = tmp_path / f"{rounding}.onnx"
+        save_model(result.model, out)
+        assert result.stats["by_scheme"] == {"int4": 4}
+        errors[rounding] = sum(
+            float(np.linalg.norm(run_ort(out, feed)[0] - run_ort(proto, feed)[0])) for feed in feeds
+        )
+    assert errors["gptq"] < 0.85 * errors["nearest"]
+    assert errors["sequential"] < 0.92 * errors["gptq"]
+
+
+def test_int4_rounding_auto_follows_the_data(tmp_path: Path) -> None:
+    """Rule 8: ``auto`` fits sequentially with real data and rounds to nearest without."""
+    from graphopt.pipeline import optimize
+
+    source = tmp_path / "deep.onnx"
+    onnx.save(_deep_mlp(), str(source))
+    options = {"quant": {"weight_bits": 4, "target_cosine": 0, "min_macs": 0}}
+    outputs = {}
+    for label, data in (("real", _feeds(_deep_mlp(), samples=512)), ("none", None)):
+        outputs[label] = tmp_path / f"{label}.onnx"
+        optimize(source, outputs[label], ["quant"], options=options, data=data, validate=False)
+    explicit = tmp_path / "explicit.onnx"
+    optimize(
+        source,
+        explicit,
+        ["quant"],
+        options={"quant": {**options["quant"], "rounding": "sequential"}},
+        data=_feeds(_deep_mlp(), samples=512),
+        validate=False,
+    )
+    nearest = tmp_path / "nearest.onnx"
+    optimize(
+        source,
+        nearest,
+        ["quant"],
+        options={"quant": {**options["quant"], "rounding": "nearest"}},
+        data=None,
+        validate=False,
+    )
+    assert sha256_of(outputs["real"]) == sha256_of(explicit)
+    assert sha256_of(outputs["none"]) == sha256_of(nearest)
+    assert sha256_of(outputs["real"]) != sha256_of(outputs["none"])
+
+
+def test_int4_gptq_needs_two_rows_per_input_channel(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rule 8: with fewer calibration rows than 2 per input channel H is (nearly) singular;
+    such a node keeps round-to-nearest weights, and the log says why."""
+    proto = _deep_mlp()
+    with caplog.at_level(logging.INFO, logger="passes.quant"):
+        few, _ = _quantize(proto, tmp_path, weight_bits=4, target_cosine=0.0, rounding="gptq")
+    nearest = tmp_path / "nearest.onnx"
+    few.rename(tmp_path / "few.onnx")
+    out, _ = _quantize(proto, tmp_path, weight_bits=4, target_cosine=0.0, rounding="nearest")
+    out.rename(nearest)
+    assert sha256_of(tmp_path / "few.onnx") == sha256_of(nearest)
+    assert "64 calibration rows for 128 input channels" in caplog.text

@@ -134,7 +134,8 @@ def test_padding_is_left_out_of_both_sides(tmp_path: Path) -> None:
 
 def test_damped_cholesky_handles_dead_channels_and_refuses_nan() -> None:
     h = np.diag([4.0, 0.0, 1.0])
-    lower, is_lower = damped_cholesky(h, 0.01)
+    lower, is_lower, ridge = damped_cholesky(h, 0.01)
+    assert ridge == pytest.approx(0.01 * 6.0 / 3)  # dead channel counted as 1
     assert is_lower and np.all(np.isfinite(lower))
     with pytest.raises(np.linalg.LinAlgError):
         damped_cholesky(np.full((2, 2), np.nan), 0.01)
