@@ -127,6 +127,7 @@ class Candidate:
     activation: gs.Tensor
     scheme: str = "static"
     """static (calibrated Q/DQ), dynamic (per-batch activation scale), int4 (weight-only),
+    int8-blocks (weight-only int8 in the int4 layout: rule 8's step down),
     weight-only (int8 weights through DequantizeLinear, float compute), split (outlier
     channels in float, the rest static)."""
     outliers: np.ndarray | None = None
@@ -137,7 +138,7 @@ class Candidate:
     @property
     def activations(self) -> list[gs.Tensor]:
         """Inputs quantized with calibrated Q/DQ pairs (both, for activation × activation)."""
-        if self.scheme in ("dynamic", "int4", "weight-only"):
+        if self.scheme in ("dynamic", "int4", "int8-blocks", "weight-only"):
             return []
         if isinstance(self.weight, gs.Constant):
             return [self.activation]
@@ -153,6 +154,7 @@ class QuantReport:
     skipped: dict[str, str] = field(default_factory=dict)
     excluded_for_accuracy: dict[str, float] = field(default_factory=dict)
     dynamic_for_accuracy: dict[str, float] = field(default_factory=dict)
+    int8_for_accuracy: dict[str, float] = field(default_factory=dict)
     unquantizable: dict[str, str] = field(default_factory=dict)
 
 
@@ -228,6 +230,16 @@ class QuantPass(Pass):
        threads, a shared and loaded machine) MiniLM's MatMulNBits ran 0.89–1.12× fp32's speed
        at level 0 and 0.82–0.91× at level 4 (batch 1 and 8, 128 tokens); level 4 only caught
        up at 16 tokens. The ``dequantize`` layout ran 0.57–0.87×: it saves file size only.
+       ``rounding``: ``nearest`` as above; ``gptq`` runs GPTQ (``act_order`` by default, with
+       every group's scale fixed from the weight first so groups stay contiguous along K) on
+       H = XᵀX of the float model's inputs; ``sequential`` quantizes a copy of the model stage
+       by stage with the reconstruction engine (:mod:`graphopt.passkit.reconstruct`) and runs
+       GPTQ on each layer's W* with H = X̃ᵀX̃ of the input the layers quantized before it give
+       it; ``auto`` (default) is ``sequential`` with real calibration data, else ``nearest``.
+       A layer with fewer than :data:`GPTQ_ROWS_PER_INPUT` calibration rows per input channel
+       keeps round-to-nearest weights, logged. MiniLM (512 unpadded sentences, every MatMul in
+       int4, block 32): nearest 0.9759, gptq 0.9945, sequential 0.9962; block 128: 0.9592,
+       –, 0.9943 (``tools.bench_sequential``).
     9. ``mode=dynamic``: MatMuls quantize activations per batch (DynamicQuantizeLinear →
        MatMulInteger → rescale, which ONNX Runtime fuses into DynamicQuantizeMatMul). In
        accuracy-driven mode ``fallback=dynamic`` first tries a harmful node as dynamic and keeps
@@ -566,6 +578,10 @@ class QuantPass(Pass):
             stats_out["unquantizable_tensors"] = len(report.unquantizable)
         if report.dynamic_for_accuracy:
             stats_out["dynamic_for_accuracy"] = sorted(report.dynamic_for_accuracy)
+        if report.int8_for_accuracy:
+            stats_out["int8_for_accuracy"] = sorted(report.int8_for_accuracy)
+        if self.options["weight_bits"] == 4:
+            stats_out["precision"] = _precision(candidates, chosen)
         if report.excluded_for_accuracy:
             stats_out["excluded_for_accuracy"] = {
                 name: round(harm, 6) for name, harm in report.excluded_for_accuracy.items()
@@ -876,7 +892,7 @@ class QuantPass(Pass):
             if candidate.scheme == "dynamic":
                 _apply_dynamic(graph, namer, candidate, self.options["reduce_range"])
                 continue
-            if candidate.scheme == "int4":
+            if candidate.scheme in ("int4", "int8-blocks"):
                 self._apply_int4(graph, namer, candidate)
                 continue
             if candidate.scheme == "split":
@@ -1000,12 +1016,12 @@ class QuantPass(Pass):
                     del fits
                 for layer in stage:
                     candidate = on_scratch[layer.key]
-                    if candidate.node.name in self._int4_blocks:
+                    if f"{candidate.node.name}/4" in self._int4_blocks:
                         write_block_quantized(
                             scratch.graph,
                             namer,
                             candidate.node,
-                            self._int4_blocks[candidate.node.name],
+                            self._int4_blocks[f"{candidate.node.name}/4"],
                             self._int4_layout,
                             self.options["accuracy_level"],
                         )
@@ -1036,7 +1052,7 @@ class QuantPass(Pass):
     def _store_gptq(self, candidate: Candidate, weight: np.ndarray, hessian: np.ndarray) -> None:
         """Rule 8: GPTQ of one candidate's [K, N] weight; the node stays RTN when H is unusable."""
         try:
-            self._int4_blocks[candidate.node.name] = gptq(
+            self._int4_blocks[f"{candidate.node.name}/4"] = gptq(
                 weight,
                 hessian,
                 self._int4_format(),
@@ -1051,14 +1067,15 @@ class QuantPass(Pass):
         return BlockFormat(4, self.options["block_size"], self.options["symmetric"])
 
     def _apply_int4(self, graph: gs.Graph, namer: Namer, candidate: Candidate) -> None:
-        """Rule 8: MatMul → the int4 layout, quantized once per node for all variants."""
-        key = candidate.node.name
+        """Rule 8: MatMul → the int4 (or, scheme ``int8-blocks``, int8) layout, quantized once
+        per node for all variants."""
+        bits = 8 if candidate.scheme == "int8-blocks" else 4
+        key = f"{candidate.node.name}/{bits}"
         self._int4_blocks = getattr(self, "_int4_blocks", {})  # set per call() (rule 8)
         if key not in self._int4_blocks:
+            fmt = BlockFormat(bits, self.options["block_size"], self.options["symmetric"])
             self._int4_blocks[key] = quantize_rtn(
-                weights.read(candidate.weight),
-                self._int4_format(),
-                search_clip=self.options["search_clip"],
+                weights.read(candidate.weight), fmt, search_clip=self.options["search_clip"]
             )
         write_block_quantized(
             graph,
@@ -1179,6 +1196,16 @@ class QuantPass(Pass):
             context.report_progress(
                 "quant: nodes back to float", len(chosen) - len(remaining) - 1, len(chosen)
             )
+            if worst.scheme == "int4":  # rule 8: int8 blocks before float
+                trial = evaluator.score(
+                    self, [*remaining, *demoted, worst.with_scheme("int8-blocks")], ranges
+                )
+                if trial > score:
+                    demoted.append(worst.with_scheme("int8-blocks"))
+                    report.int8_for_accuracy[name] = harm[name]
+                    logger.info("quant: %s to int8 blocks (cosine %.6f → %.6f)", name, score, trial)
+                    score = trial
+                    continue
             if self.options["fallback"] == "dynamic" and _can_be_dynamic(worst):
                 trial = evaluator.score(
                     self, [*remaining, *demoted, worst.with_scheme("dynamic")], ranges
@@ -1258,6 +1285,17 @@ def outlier_scales(channel_max: np.ndarray, quantile: float = 0.99) -> np.ndarra
     if reference <= 0:
         return np.ones_like(channel_max, dtype=np.float32)
     return np.maximum(channel_max / reference, 1.0).astype(np.float32)
+
+
+def _precision(candidates: list[Candidate], chosen: list[Candidate]) -> dict[str, str]:
+    """Rule 8: each int4 candidate's final weights (int4, int8 or float), by node name."""
+    final = {c.node.name: c.scheme for c in chosen}
+    names = {"int4": "int4", "int8-blocks": "int8"}
+    return {
+        c.node.name: names.get(final.get(c.node.name, ""), "float")
+        for c in candidates
+        if c.scheme == "int4"
+    }
 
 
 def _detach(node: gs.Node) -> gs.Tensor:

@@ -84,12 +84,21 @@ class Variant:
 
 
 GRAPHOPT_VARIANTS: dict[str, dict[str, Any]] = {
-    "graphopt-b32": {"weight_bits": 4, "target_cosine": 0.0, "block_size": 32},
-    "graphopt-b128": {"weight_bits": 4, "target_cosine": 0.0, "block_size": 128},
-    "graphopt-b32-emb-float": {
+    **{
+        f"graphopt-{rounding}-b{block}": {
+            "weight_bits": 4,
+            "target_cosine": 0.0,
+            "block_size": block,
+            "rounding": rounding,
+        }
+        for block in (32, 128)
+        for rounding in ("nearest", "gptq", "sequential")
+    },
+    "graphopt-sequential-b32-emb-float": {
         "weight_bits": 4,
         "target_cosine": 0.0,
         "block_size": 32,
+        "rounding": "sequential",
         "embeddings": False,
     },
 }

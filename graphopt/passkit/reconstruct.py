@@ -27,8 +27,8 @@ pass can fit the layer's new weights Ŵ to the float target: minimise ‖X̃ Ŵ 
    to nearest), and a damped H alone shrinks W* toward zero. A constrained fit (quantized,
    sparse or low-rank) of W* with H as the metric minimises ‖X̃ (Ŵ − W*)‖, which differs from
    ‖X̃ Ŵ − X W‖ by a constant.
-6. Bias correction (:meth:`LayerFit.bias_shift`): E[X] W − E[X̃] Ŵ keeps the layer's mean
-   output where the reference had it.
+6. Each layer's channel means of X and X̃ are kept too (``reference_mean``, ``current_mean``),
+   for a bias correction E[X] W − E[X̃] Ŵ; no pass applies one yet.
 7. Each model runs once in all, a segment at a time: every measurement runs only the nodes
    between what earlier measurements computed and the inputs now wanted, fed from the
    activations kept of the tensors that nodes still to run read (for the compressed model,
@@ -200,12 +200,6 @@ class LayerFit:
         matrix = np.asarray(weight, np.float64)
         factor, lower, ridge = damped_cholesky(self.hessian, damp)
         return linalg.cho_solve((factor, lower), self.cross @ matrix + ridge * matrix)
-
-    def bias_shift(self, weight: np.ndarray, fitted: np.ndarray) -> np.ndarray:
-        """Rule 6: E[X] W − E[X̃] Ŵ, per output (N) of [K, N] weights."""
-        return self.reference_mean @ np.asarray(weight, np.float64) - self.current_mean @ (
-            np.asarray(fitted, np.float64)
-        )
 
 
 def damped_cholesky(hessian: np.ndarray, damp: float) -> tuple[np.ndarray, bool, float]:

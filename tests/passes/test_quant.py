@@ -781,3 +781,29 @@ def test_int4_gptq_needs_two_rows_per_input_channel(
     out.rename(nearest)
     assert sha256_of(tmp_path / "few.onnx") == sha256_of(nearest)
     assert "64 calibration rows for 128 input channels" in caplog.text
+
+
+def test_int4_nodes_step_down_to_int8_before_float(tmp_path: Path) -> None:
+    """Rule 8 in accuracy-driven mode: a harmful int4 node tries int8 blocks first, and the
+    report says which precision every node ended with."""
+    proto = _deep_mlp()
+    model = model_from_proto(proto)
+    normalize(model, materialize_weights=True)
+    options = {"weight_bits": 4, "target_cosine": 0.9999, "rounding": "nearest", "min_macs": 0}
+    result = QuantPass(options)(model, PassContext(data=_feeds(proto, samples=128)))
+    precision = result.stats["precision"]
+    assert set(precision) == {"mm0", "mm1", "mm2", "mm3"}
+    assert "int8" in precision.values()
+    assert sorted(result.stats["int8_for_accuracy"]) == sorted(
+        name for name, bits in precision.items() if bits == "int8"
+    )
+    out = tmp_path / "mixed.onnx"
+    save_model(result.model, out)
+    bits = [
+        next(a.i for a in node.attribute if a.name == "bits")
+        for node in onnx.load(str(out)).graph.node
+        if node.op_type == "MatMulNBits"
+    ]
+    assert sorted(bits) == sorted(
+        {"int4": 4, "int8": 8}[value] for value in precision.values() if value != "float"
+    )

@@ -66,7 +66,7 @@ def test_graphopt_build_writes_every_weighted_matmul_as_matmulnbits(
     tiny: dict[str, Path], tmp_path: Path
 ) -> None:
     target = tmp_path / "int4.onnx"
-    options = bench.GRAPHOPT_VARIANTS["graphopt-b32"]
+    options = bench.GRAPHOPT_VARIANTS["graphopt-nearest-b32"]
     bench.build_graphopt(str(tiny["model"]), str(target), str(tiny["calibration"]), options)
     assert bench.count_matmuls(target) == (2, 0)
 
@@ -75,15 +75,15 @@ def test_variant_table_and_selection() -> None:
     assert bench.VARIANTS["ort-gptq-b128"] == bench.Variant(
         "ort", {"algorithm": "gptq", "block_size": 128}
     )
-    assert bench.VARIANTS["graphopt-b128"].options["block_size"] == 128
+    assert bench.VARIANTS["graphopt-nearest-b128"].options["block_size"] == 128
     assert next(iter(bench.VARIANTS)) == "fp32"
-    assert bench.parse_variants("graphopt-b32, ort-hqq-b32") == [
+    assert bench.parse_variants("graphopt-nearest-b32, ort-hqq-b32") == [
         "fp32",
-        "graphopt-b32",
+        "graphopt-nearest-b32",
         "ort-hqq-b32",
     ]
     with pytest.raises(ValueError, match="unknown variant 'nope'"):
-        bench.parse_variants("graphopt-b32,nope")
+        bench.parse_variants("graphopt-nearest-b32,nope")
 
 
 def test_same_embeddings_needs_every_sentence_to_match() -> None:
@@ -99,7 +99,7 @@ def test_end_to_end_rows_failures_and_reports(tiny: dict[str, Path], tmp_path: P
     table = {
         "fp32": bench.Variant("fp32"),
         "ort-default-b32": bench.VARIANTS["ort-default-b32"],
-        "graphopt-b32": bench.VARIANTS["graphopt-b32"],
+        "graphopt-nearest-b32": bench.VARIANTS["graphopt-nearest-b32"],
         "ort-rtn-b32": bench.VARIANTS["ort-rtn-b32"],
         "graphopt-unknown": bench.Variant(
             "graphopt", {"weight_bits": 4, "method": "not-an-option"}
@@ -119,7 +119,7 @@ def test_end_to_end_rows_failures_and_reports(tiny: dict[str, Path], tmp_path: P
     by_name = {row.name: row for row in rows}
     assert [row.name for row in rows] == list(table)
     assert by_name["fp32"].size_ratio == 1.0 and by_name["fp32"].weighted_matmuls == 2
-    for name in ("ort-default-b32", "graphopt-b32"):
+    for name in ("ort-default-b32", "graphopt-nearest-b32"):
         row = by_name[name]
         assert row.ok, row.outcome
         assert (row.int4_matmuls, row.weighted_matmuls) == (2, 2)
@@ -129,7 +129,7 @@ def test_end_to_end_rows_failures_and_reports(tiny: dict[str, Path], tmp_path: P
         assert row.build_s is not None and row.build_s > 0
     # ORT's RTN config computes its default config's model; graphopt's symmetric blocks differ.
     assert by_name["ort-rtn-b32"].same_as == "ort-default-b32"
-    assert by_name["graphopt-b32"].same_as == ""
+    assert by_name["graphopt-nearest-b32"].same_as == ""
     unknown = by_name["graphopt-unknown"]
     assert unknown.outcome.startswith("OptionError: pass 'quant' has no option 'method'")
     assert unknown.cosine_mean is None and not unknown.latency_ratio
