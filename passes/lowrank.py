@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 from scipy import linalg
 
+from graphopt.check.heldout import HeldAsideScore, hold_aside, strongest_level
 from graphopt.data.calibration import (
     StatRequest,
     chunk_by_budget,
@@ -60,6 +61,10 @@ from graphopt.passkit.svd import (
 logger = logging.getLogger(__name__)
 
 GLOBAL_STEP = 8
+TARGET_GENTLEST = 0.95
+"""Rule 10: the highest ratio tried; when even it misses the target, nothing is split."""
+TARGET_STEPS = 4
+"""Rule 10: halvings after the two ends."""
 REFIT_DAMP = 1e-6
 """Rule 9: damping of Aᵀ H A when the second factor is refitted (it is well conditioned)."""
 """Global allocation hands out rank in blocks of this many components (rule 6)."""
@@ -166,13 +171,6 @@ class LowRankPass(Pass):
        a layer's effect on the output, so uniform stays the default.
     7. Factors split √Σ and are rebalanced per component so A's and B's ranges match
        (:mod:`graphopt.passkit.svd` rule 5): later ``quant`` and ``fp16`` see tame ranges.
-    9. ``method=sequential`` (:mod:`graphopt.passkit.reconstruct`): groups are split stage by
-       stage in graph order; each is fitted to the input X̃ the layers split before it really
-       give it, against the target X W of the model as the pass received it: W* = H⁻¹ G W
-       (H = X̃ᵀX̃, G = X̃ᵀX, damped by ``fit_damp``), whitened SVD of W* with H, then the second
-       factor refitted by least squares on X̃ given the first (SVD-LLM's parameter update).
-       ``allocation=global`` is refused (it needs every spectrum before any split). Body
-       groups get plain SVD as in rule 8.
     8. If/Loop/Scan bodies: candidates come from the main graph and every body, nested ones
        included (:func:`~graphopt.ir.model.iter_graphs`); a weight defined in an outer scope and
        read in a body is a constant like any other. The two new nodes go into the graph that
@@ -186,6 +184,19 @@ class LowRankPass(Pass):
        bodies (``in_subgraphs``) and the skipped body candidates by reason
        (``skipped_in_subgraphs``); every log line about a body node names its body. ``touched``
        lists node names (:func:`~graphopt.passkit.selection.node_label`), in every graph.
+    9. ``method=sequential`` (:mod:`graphopt.passkit.reconstruct`): groups are split stage by
+       stage in graph order; each is fitted to the input X̃ the layers split before it really
+       give it, against the target X W of the model as the pass received it: W* = H⁻¹ G W
+       (H = X̃ᵀX̃, G = X̃ᵀX, damped by ``fit_damp``), whitened SVD of W* with H, then the second
+       factor refitted by least squares on X̃ given the first (SVD-LLM's parameter update).
+       ``allocation=global`` is refused (it needs every spectrum before any split). Body
+       groups get plain SVD as in rule 8.
+    10. ``target_cosine`` > 0 with real calibration data: the last quarter of the batches is
+        held aside; the pass runs on copies of the model at several ratios (the same for every
+        matrix: ``ratio`` first, then 0.95, then 4 halvings between the lowest ratio that met
+        the target and the highest that did not) and keeps the lowest whose held-aside score
+        (the validation gate's figure) meets the target; nothing is split when even 0.95
+        misses it. Stats list every ratio tried with its score. ``rank``/``energy`` refuse it.
     """
 
     name: ClassVar[str] = "lowrank"
@@ -237,6 +248,15 @@ class LowRankPass(Pass):
             minimum=0.0,
         ),
         Option(
+            "target_cosine",
+            float,
+            0.0,
+            "> 0: the lowest ratio down to `ratio` (the same for every matrix) whose held-aside "
+            "score meets this, found by bisection (rule 10; 0 = the fixed ratio)",
+            minimum=0.0,
+            maximum=1.0,
+        ),
+        Option(
             "fit_damp",
             float,
             0.01,
@@ -272,6 +292,8 @@ class LowRankPass(Pass):
         super().__init__(options)
         if self.options["rank"] > 0 and self.options["energy"] > 0:
             raise InputError("lowrank: set either rank or energy, not both")
+        if self.options["target_cosine"] > 0 and self._fixed_target():
+            raise OptionError("lowrank: target_cosine chooses the ratio; drop rank and energy")
         if self.options["method"] == "sequential" and self.options["allocation"] == "global":
             raise OptionError(
                 "lowrank: allocation=global needs every layer's spectrum before any split; "
@@ -279,6 +301,13 @@ class LowRankPass(Pass):
             )
 
     def call(self, model: Model, context: PassContext) -> PassResult:
+        if self.options["target_cosine"] > 0:
+            if context.has_real_data:
+                return self._to_target(model, context)
+            logger.warning(
+                "lowrank: target_cosine needs real calibration data; using ratio=%g",
+                self.options["ratio"],
+            )
         groups, skipped, bodies = self._groups(model.graph, context)
         groups = self._feasible(_whole_weights(groups, skipped), skipped)
         data_aware = bool(groups) and self._data_aware(context)
@@ -475,6 +504,48 @@ class LowRankPass(Pass):
             settings=context.settings,
         )
         return {name: s.gram for name, s in stats.items() if s.gram is not None}
+
+    # --- rule 10 ------------------------------------------------------------------------------
+
+    def _to_target(self, model: Model, context: PassContext) -> PassResult:
+        """Rule 10: bisect the ratio on held-aside batches, then split at the ratio found."""
+        target = self.options["target_cosine"]
+        calibration, held_aside = hold_aside(context.require_feeds("lowrank"), "lowrank")
+        fixed = {**self.options, "target_cosine": 0.0}
+
+        def split(ratio: float, into: Model, claims: WeightClaims) -> PassResult:
+            trial = replace(context, data=calibration, claims=claims)
+            return LowRankPass({**fixed, "ratio": ratio})(into, trial)
+
+        settings = context.settings
+        with HeldAsideScore(
+            model, held_aside, settings.threads, settings.probe_cache_bytes
+        ) as scorer:
+
+            def score_of(ratio: float) -> float:
+                variant = replace(model, graph=model.graph.copy())
+                return scorer.score(split(ratio, variant, WeightClaims()).model)
+
+            ratio, tried = strongest_level(
+                score_of, target, TARGET_GENTLEST, self.options["ratio"], TARGET_STEPS
+            )
+        search = {
+            "target_cosine": target,
+            "ratios_tried": [[round(r, 4), round(sc, 6)] for r, sc in tried],
+        }
+        if ratio is None:
+            logger.warning(
+                "lowrank: even ratio %g scores %.6f on the held-aside batches, below the target "
+                "%g; nothing is split",
+                TARGET_GENTLEST,
+                tried[-1][1],
+                target,
+            )
+            return PassResult(model, False, {**search, "ratio": None}, [])
+        logger.info("lowrank: ratio %.4f meets the target %g", ratio, target)
+        result = split(ratio, model, context.claims)
+        stats = {**result.stats, **search, "ratio": ratio}
+        return PassResult(result.model, result.modified, stats, result.touched)
 
     # --- rule 9 -------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.check.validate import Criteria, MetricAccumulator, PaddingFilter, sample_count
+from graphopt.check.heldout import HeldAsideScore, hold_aside
 from graphopt.data.calibration import (
     CALIBRATORS,
     StatRequest,
@@ -24,8 +24,7 @@ from graphopt.data.calibration import (
     collect,
     gram_budget,
 )
-from graphopt.data.feeds import Feeds, batch_axes, input_specs
-from graphopt.data.masking import RunMask
+from graphopt.data.feeds import Feeds
 from graphopt.errors import InputError
 from graphopt.ir import weights
 from graphopt.ir.edit import replace_input
@@ -42,7 +41,6 @@ from graphopt.passkit.int4 import (
 )
 from graphopt.passkit.options import BarCosine, Option, SearchPoint, SearchSpace, sweep
 from graphopt.passkit.ordering import OrderRank
-from graphopt.passkit.probe import ProbeRunner
 from graphopt.passkit.qdq import (
     Namer,
     QuantParams,
@@ -1524,31 +1522,21 @@ def _divide_activation(
 
 
 class _Evaluator:
-    """Held-aside cosine of a quantization plan against the float model (rule 5).
-
-    Scores are exact whatever the route: the float model runs once, and a plan's variant runs
-    only where it differs from it, fed from the float model's cached activations
-    (:mod:`graphopt.passkit.probe`), which gives the outputs a whole run gives, bit for bit.
-    """
+    """Held-aside cosine of a quantization plan against the float model (rule 5), scored by
+    :class:`graphopt.check.heldout.HeldAsideScore` (exact, probes run where plans differ)."""
 
     def __init__(
         self, model: Model, feeds: Feeds, threads: int = 0, budget_bytes: int | None = None
     ) -> None:
         self.model = model
-        self.runner = ProbeRunner(model, feeds, threads, budget_bytes)
-        axes = batch_axes(input_specs(model.graph))
-        self.padding = PaddingFilter(feeds.mask_input)  # as the gate compares (validate rule 9)
-        self.samples: list[int | None] = []
-        self.masks: list[RunMask | None] = []
-        for feed in self.runner.feeds():
-            self.samples.append(sample_count(feed, axes))
-            self.masks.append(self.padding.mask_of(feed))
+        self.scorer = HeldAsideScore(model, feeds, threads, budget_bytes)
+        self.runner = self.scorer.runner
 
     def __enter__(self) -> _Evaluator:
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        self.runner.close()
+        self.scorer.close()
 
     def variant(
         self, quant: QuantPass, plan: list[Candidate], ranges: dict[str, tuple[float, float]]
@@ -1567,34 +1555,13 @@ class _Evaluator:
         ranges: dict[str, tuple[float, float]],
     ) -> None:
         """Cache the float activations the plans' variants read at their boundaries."""
-        self.runner.prepare(self.variant(quant, plan, ranges).graph for plan in plans)
+        self.scorer.prepare(self.variant(quant, plan, ranges).graph for plan in plans)
 
     def score(
         self, quant: QuantPass, plan: list[Candidate], ranges: dict[str, tuple[float, float]]
     ) -> float:
-        """The gate's figure with ``plan`` quantized: over the model's outputs, the lowest of
-        each output's whole-tensor and worst-channel cosine on all held-aside feeds
-        (:func:`graphopt.check.validate.agreement`), so a detector's collapsed score rows count."""
-        outputs = self.runner.outputs(self.variant(quant, plan, ranges))
-        accumulators = [
-            MetricAccumulator(str(index), "cpu", Criteria(), seed=0)
-            for index in range(len(self.runner.output_names) if self.runner.count else 0)
-        ]
-        names = self.runner.output_names
-        for index, candidate_batch in enumerate(outputs):
-            reference_batch = self.runner.reference(index)
-            for name, accumulator, reference, candidate in zip(
-                names, accumulators, reference_batch, candidate_batch, strict=True
-            ):
-                kept_reference, kept_candidate, samples = self.padding.kept(
-                    name,
-                    self.masks[index],
-                    np.asarray(reference),
-                    np.asarray(candidate),
-                    self.samples[index],
-                )
-                accumulator.add(kept_reference, kept_candidate, samples=samples)
-        return min((a.finish().agreement.score for a in accumulators), default=1.0)
+        """The gate's figure with ``plan`` quantized (:meth:`HeldAsideScore.score`)."""
+        return self.scorer.score(self.variant(quant, plan, ranges))
 
 
 def _node_map(graph: gs.Graph) -> dict[str, tuple[gs.Node, gs.Graph | None]]:
@@ -1771,9 +1738,4 @@ def _split_feeds(feeds: Feeds, accuracy_driven: bool) -> tuple[Feeds, Feeds | No
     """Rule 5: the last quarter of the batches is held aside (when there are at least 4)."""
     if not accuracy_driven:
         return feeds, None
-    batches = sum(1 for _ in feeds)
-    if batches < 4:
-        logger.info("quant: only %d calibration batches; the accuracy check reuses them", batches)
-        return feeds, feeds
-    cut = batches - batches // 4
-    return feeds.subset(range(cut)), feeds.subset(range(cut, batches))
+    return hold_aside(feeds, "quant")

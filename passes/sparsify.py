@@ -14,12 +14,13 @@ import logging
 import re
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphopt.check.heldout import HeldAsideScore, hold_aside, strongest_level
 from graphopt.data.calibration import (
     StatRequest,
     TensorStats,
@@ -32,7 +33,7 @@ from graphopt.errors import OptionError
 from graphopt.ir import weights
 from graphopt.ir.edit import replace_input
 from graphopt.ir.model import Model, iter_graphs
-from graphopt.passkit.api import Budget, Pass, PassContext, PassResult
+from graphopt.passkit.api import Budget, Pass, PassContext, PassResult, WeightClaims
 from graphopt.passkit.blockquant import inverse_hessian_factor
 from graphopt.passkit.options import Option, SearchPoint, SearchSpace
 from graphopt.passkit.ordering import OrderRank
@@ -56,6 +57,10 @@ SPEED_NOTE = (
 )
 CHANNEL_NOTE = "channel pruning makes the matrices smaller: fewer FLOPs on every backend."
 METHODS = ("auto", "magnitude", "wanda", "sparsegpt")
+TARGET_GENTLEST = 0.05
+"""Rule 11: the lowest sparsity tried; when even it misses the target, the model stays dense."""
+TARGET_STEPS = 4
+"""Rule 11: halvings after the two ends (within ~3 % of the highest passing level at 0.5)."""
 AUTO_DATA_METHOD = "sparsegpt"
 """What ``method=auto`` uses with real calibration data (measured on MiniLM, see rule 4)."""
 FLOAT_KINDS = frozenset({"float16", "float32", "float64"})
@@ -542,6 +547,14 @@ class SparsifyPass(Pass):
         (``skipped_in_subgraphs``); every log line about a body node names its body.
         ``touched`` lists node names (:func:`~graphopt.passkit.selection.node_label`), main graph
         first.
+    11. ``target_cosine`` > 0 with real calibration data: the last quarter of the batches is
+        held aside (:func:`graphopt.check.heldout.hold_aside`); the pass runs on copies of the
+        model at several sparsities (the same for every layer, ``sparsity`` first, then 5 %,
+        then 4 halvings between the highest level that met the target and the lowest that did
+        not) and keeps the highest whose held-aside score (the validation gate's figure: the
+        worst channel counts) meets the target; the model stays dense when even 5 % misses it.
+        Stats list every level tried with its score. ``pattern=n:m`` refuses it (its level is
+        fixed).
     """
 
     name: ClassVar[str] = "sparsify"
@@ -621,6 +634,15 @@ class SparsifyPass(Pass):
             "it already sparsified; sparsegpt fits each layer to the float output (rule 4)",
         ),
         Option("report_gzip", bool, True, "measure deflate sizes of the weights (rule 8)"),
+        Option(
+            "target_cosine",
+            float,
+            0.0,
+            "> 0: the highest sparsity up to `sparsity` (the same for every layer) whose "
+            "held-aside score meets this, found by bisection (rule 11; 0 = the fixed level)",
+            minimum=0.0,
+            maximum=1.0,
+        ),
     )
     search_space: ClassVar[SearchSpace] = SearchSpace(
         common={"report_gzip": False},
@@ -641,10 +663,21 @@ class SparsifyPass(Pass):
         self.targets = parse_layer_targets(
             self.options["layer_sparsity"], f"{self.name}.layer_sparsity"
         )
+        if self.options["target_cosine"] > 0 and self.options["pattern"] == "n:m":
+            raise OptionError(
+                "sparsify: target_cosine chooses a sparsity level; pattern=n:m fixes it at 1 - N/M"
+            )
 
     # --- entry point ---------------------------------------------------------------------------
 
     def call(self, model: Model, context: PassContext) -> PassResult:
+        if self.options["target_cosine"] > 0:
+            if context.has_real_data:
+                return self._to_target(model, context)
+            logger.warning(
+                "sparsify: target_cosine needs real calibration data; using sparsity=%g",
+                self.options["sparsity"],
+            )
         method = self._method(context)
         report = Report()
         if self.options["pattern"] == "channel":
@@ -667,6 +700,50 @@ class SparsifyPass(Pass):
             channel = self.options["pattern"] == "channel"
             stats["speed_note"] = CHANNEL_NOTE if channel else SPEED_NOTE
         return PassResult(model, bool(touched), stats, touched)
+
+    def _to_target(self, model: Model, context: PassContext) -> PassResult:
+        """Rule 11: bisect the sparsity on held-aside batches, then prune at the level found."""
+        target = self.options["target_cosine"]
+        calibration, held_aside = hold_aside(context.require_feeds("sparsify"), "sparsify")
+        fixed = {**self.options, "target_cosine": 0.0}
+
+        def prune(level: float, into: Model, claims: WeightClaims) -> PassResult:
+            trial = replace(context, data=calibration, claims=claims)
+            return SparsifyPass({**fixed, "sparsity": level})(into, trial)
+
+        settings = context.settings
+        with HeldAsideScore(
+            model, held_aside, settings.threads, settings.probe_cache_bytes
+        ) as scorer:
+
+            def score_of(level: float) -> float:
+                variant = replace(model, graph=model.graph.copy())
+                return scorer.score(prune(level, variant, WeightClaims()).model)
+
+            level, tried = strongest_level(
+                score_of, target, TARGET_GENTLEST, self.options["sparsity"], TARGET_STEPS
+            )
+        search = {
+            "target_cosine": target,
+            "levels_tried": [[round(lv, 4), round(sc, 6)] for lv, sc in tried],
+        }
+        if level is None:
+            logger.warning(
+                "sparsify: even sparsity %g scores %.6f on the held-aside batches, below the "
+                "target %g; the model is left dense",
+                TARGET_GENTLEST,
+                tried[-1][1],
+                target,
+            )
+            return PassResult(model, False, {**search, "sparsity": 0.0}, [])
+        logger.info("sparsify: sparsity %.4f meets the target %g", level, target)
+        result = prune(level, model, context.claims)
+        return PassResult(
+            result.model,
+            result.modified,
+            {**result.stats, **search, "sparsity": level},
+            result.touched,
+        )
 
     def _body_stats(
         self, stats: dict[str, Any], method: str, touched: list[str], report: Report

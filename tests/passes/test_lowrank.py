@@ -573,3 +573,30 @@ def test_sequential_segments_give_the_prefix_runs_model(tmp_path: Path) -> None:
         outputs.append(folder / "m.onnx")
         save_model(result.model, outputs[-1])
     assert sha256_of(outputs[0]) == sha256_of(outputs[1])
+
+
+def test_target_cosine_finds_the_lowest_ratio_that_passes(tmp_path: Path) -> None:
+    """Rule 10: the ratio is bisected on held-aside batches; lower ratios that pass win."""
+    proto = _two_layer_chain()
+    model = model_from_proto(proto)
+    normalize(model, materialize_weights=True)
+    options = {"target_cosine": 0.9, "ratio": 0.1, "min_size": 0}
+    result = LowRankPass(options)(model, PassContext(data=_feeds(proto, samples=64)))
+    tried = result.stats["ratios_tried"]
+    chosen = result.stats["ratio"]
+    assert tried[0][0] == 0.1 and tried[0][1] < 0.9
+    assert 0.1 < chosen < 0.95  # bisection went below the gentlest ratio
+    assert [ratio for ratio, score in tried if score >= 0.9 and ratio < chosen - 1e-3] == []
+    assert all(score >= 0.9 for ratio, score in tried if abs(ratio - chosen) < 1e-3)
+    assert result.stats["split"] == 2
+    # out of reach: nothing is split, and the stats say so
+    model = model_from_proto(proto)
+    normalize(model, materialize_weights=True)
+    options["target_cosine"] = 0.99
+    result = LowRankPass(options)(model, PassContext(data=_feeds(proto, samples=64)))
+    assert not result.modified and result.stats["ratio"] is None
+
+
+def test_target_cosine_refuses_a_fixed_rank() -> None:
+    with pytest.raises(OptionError, match="target_cosine"):
+        LowRankPass({"target_cosine": 0.99, "rank": 8})

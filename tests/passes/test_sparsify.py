@@ -976,3 +976,33 @@ def test_sequential_sparsegpt_runs_on_convolutions(tmp_path: Path) -> None:
     reference, got = run_ort(proto, feed)[0], run_ort(out, feed)[0]
     cosine = float(np.sum(reference * got) / np.linalg.norm(reference) / np.linalg.norm(got))
     assert cosine > 0.8
+
+
+def test_target_cosine_finds_the_highest_sparsity_that_passes(tmp_path: Path) -> None:
+    """Rule 11: the level is bisected on held-aside batches; the model keeps the target."""
+    proto = _two_layer_chain()
+    model, result = _run(proto, data=True, target_cosine=0.99, sparsity=0.8)
+    tried = result.stats["levels_tried"]
+    chosen = result.stats["sparsity"]
+    assert tried[0][0] == 0.8 and tried[0][1] < 0.99  # the upper bound fails here
+    assert 0.05 <= chosen < 0.8
+    assert [level for level, score in tried if score >= 0.99 and level > chosen + 1e-3] == []
+    assert np.mean(_values(model, "W2") == 0) == pytest.approx(chosen, abs=0.02)
+    out = _saved(model, tmp_path)
+    feeds = list(_feeds(proto, seed=9))
+    reference = np.concatenate([run_ort(proto, feed)[0] for feed in feeds]).ravel()
+    got = np.concatenate([run_ort(out, feed)[0] for feed in feeds]).ravel()
+    assert float(reference @ got / np.linalg.norm(reference) / np.linalg.norm(got)) > 0.985
+
+
+def test_target_cosine_out_of_reach_leaves_the_model_dense() -> None:
+    proto = _two_layer_chain()
+    model, result = _run(proto, data=True, target_cosine=0.999999, sparsity=0.5)
+    assert not result.modified and result.stats["sparsity"] == 0.0
+    assert len(result.stats["levels_tried"]) == 2
+    assert np.mean(_values(model, "W2") == 0) == 0.0
+
+
+def test_target_cosine_refuses_nm() -> None:
+    with pytest.raises(OptionError, match="n:m"):
+        SparsifyPass({"pattern": "n:m", "target_cosine": 0.99})
