@@ -94,6 +94,12 @@ GRAPHOPT_VARIANTS: dict[str, dict[str, Any]] = {
         for block in (32, 128)
         for rounding in ("nearest", "gptq", "sequential")
     },
+    "graphopt-mixed-b128-emb4": {
+        "weight_bits": 4,
+        "block_size": 128,
+        "embedding_bits": 4,
+        "target_cosine": 0.99,
+    },
     "graphopt-sequential-b32-emb-float": {
         "weight_bits": 4,
         "target_cosine": 0.0,
