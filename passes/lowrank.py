@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 from scipy import linalg
 
-from graphopt.check.heldout import HeldAsideScore, hold_aside, strongest_level
+from graphopt.check.heldout import fit_to_target
 from graphopt.data.calibration import (
     StatRequest,
     chunk_by_budget,
@@ -509,43 +509,26 @@ class LowRankPass(Pass):
 
     def _to_target(self, model: Model, context: PassContext) -> PassResult:
         """Rule 10: bisect the ratio on held-aside batches, then split at the ratio found."""
-        target = self.options["target_cosine"]
-        calibration, held_aside = hold_aside(context.require_feeds("lowrank"), "lowrank")
         fixed = {**self.options, "target_cosine": 0.0}
-
-        def split(ratio: float, into: Model, claims: WeightClaims) -> PassResult:
-            trial = replace(context, data=calibration, claims=claims)
-            return LowRankPass({**fixed, "ratio": ratio})(into, trial)
-
-        settings = context.settings
-        with HeldAsideScore(
-            model, held_aside, settings.threads, settings.probe_cache_bytes
-        ) as scorer:
-
-            def score_of(ratio: float) -> float:
-                variant = replace(model, graph=model.graph.copy())
-                return scorer.score(split(ratio, variant, WeightClaims()).model)
-
-            ratio, tried = strongest_level(
-                score_of, target, TARGET_GENTLEST, self.options["ratio"], TARGET_STEPS
-            )
-        search = {
-            "target_cosine": target,
-            "ratios_tried": [[round(r, 4), round(sc, 6)] for r, sc in tried],
+        search = fit_to_target(
+            model,
+            context,
+            "lowrank",
+            lambda ratio: LowRankPass({**fixed, "ratio": ratio}),
+            target=self.options["target_cosine"],
+            gentlest=TARGET_GENTLEST,
+            strongest=self.options["ratio"],
+            steps=TARGET_STEPS,
+        )
+        stats = {
+            "target_cosine": self.options["target_cosine"],
+            "ratios_tried": [[round(r, 4), round(sc, 6)] for r, sc in search.tried],
+            "ratio": search.level,
         }
-        if ratio is None:
-            logger.warning(
-                "lowrank: even ratio %g scores %.6f on the held-aside batches, below the target "
-                "%g; nothing is split",
-                TARGET_GENTLEST,
-                tried[-1][1],
-                target,
-            )
-            return PassResult(model, False, {**search, "ratio": None}, [])
-        logger.info("lowrank: ratio %.4f meets the target %g", ratio, target)
-        result = split(ratio, model, context.claims)
-        stats = {**result.stats, **search, "ratio": ratio}
-        return PassResult(result.model, result.modified, stats, result.touched)
+        if search.result is None:
+            return PassResult(model, False, stats, [])
+        result = search.result
+        return PassResult(result.model, result.modified, {**result.stats, **stats}, result.touched)
 
     # --- rule 9 -------------------------------------------------------------------------------
 

@@ -14,13 +14,13 @@ import logging
 import re
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.check.heldout import HeldAsideScore, hold_aside, strongest_level
+from graphopt.check.heldout import fit_to_target
 from graphopt.data.calibration import (
     StatRequest,
     TensorStats,
@@ -33,7 +33,7 @@ from graphopt.errors import OptionError
 from graphopt.ir import weights
 from graphopt.ir.edit import replace_input
 from graphopt.ir.model import Model, iter_graphs
-from graphopt.passkit.api import Budget, Pass, PassContext, PassResult, WeightClaims
+from graphopt.passkit.api import Budget, Pass, PassContext, PassResult
 from graphopt.passkit.blockquant import inverse_hessian_factor
 from graphopt.passkit.options import Option, SearchPoint, SearchSpace
 from graphopt.passkit.ordering import OrderRank
@@ -703,47 +703,26 @@ class SparsifyPass(Pass):
 
     def _to_target(self, model: Model, context: PassContext) -> PassResult:
         """Rule 11: bisect the sparsity on held-aside batches, then prune at the level found."""
-        target = self.options["target_cosine"]
-        calibration, held_aside = hold_aside(context.require_feeds("sparsify"), "sparsify")
         fixed = {**self.options, "target_cosine": 0.0}
-
-        def prune(level: float, into: Model, claims: WeightClaims) -> PassResult:
-            trial = replace(context, data=calibration, claims=claims)
-            return SparsifyPass({**fixed, "sparsity": level})(into, trial)
-
-        settings = context.settings
-        with HeldAsideScore(
-            model, held_aside, settings.threads, settings.probe_cache_bytes
-        ) as scorer:
-
-            def score_of(level: float) -> float:
-                variant = replace(model, graph=model.graph.copy())
-                return scorer.score(prune(level, variant, WeightClaims()).model)
-
-            level, tried = strongest_level(
-                score_of, target, TARGET_GENTLEST, self.options["sparsity"], TARGET_STEPS
-            )
-        search = {
-            "target_cosine": target,
-            "levels_tried": [[round(lv, 4), round(sc, 6)] for lv, sc in tried],
-        }
-        if level is None:
-            logger.warning(
-                "sparsify: even sparsity %g scores %.6f on the held-aside batches, below the "
-                "target %g; the model is left dense",
-                TARGET_GENTLEST,
-                tried[-1][1],
-                target,
-            )
-            return PassResult(model, False, {**search, "sparsity": 0.0}, [])
-        logger.info("sparsify: sparsity %.4f meets the target %g", level, target)
-        result = prune(level, model, context.claims)
-        return PassResult(
-            result.model,
-            result.modified,
-            {**result.stats, **search, "sparsity": level},
-            result.touched,
+        search = fit_to_target(
+            model,
+            context,
+            "sparsify",
+            lambda level: SparsifyPass({**fixed, "sparsity": level}),
+            target=self.options["target_cosine"],
+            gentlest=TARGET_GENTLEST,
+            strongest=self.options["sparsity"],
+            steps=TARGET_STEPS,
         )
+        stats = {
+            "target_cosine": self.options["target_cosine"],
+            "levels_tried": [[round(lv, 4), round(sc, 6)] for lv, sc in search.tried],
+            "sparsity": 0.0 if search.level is None else search.level,
+        }
+        if search.result is None:
+            return PassResult(model, False, stats, [])
+        result = search.result
+        return PassResult(result.model, result.modified, {**result.stats, **stats}, result.touched)
 
     def _body_stats(
         self, stats: dict[str, Any], method: str, touched: list[str], report: Report

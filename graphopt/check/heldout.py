@@ -13,7 +13,8 @@ Rules:
    where it differs from it, fed from the reference's cached activations
    (:mod:`graphopt.passkit.probe`), which gives the outputs a whole run gives, bit for bit.
 4. :func:`strongest_level` finds the strongest level of a compression (a sparsity, a kept
-   ratio) that still meets a score, by bisection.
+   ratio) that still meets a score, by bisection; :func:`fit_to_target` runs it for a pass
+   with one strength level and applies the level found.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -29,6 +31,7 @@ from graphopt.check.validate import Criteria, MetricAccumulator, PaddingFilter, 
 from graphopt.data.feeds import Feeds, batch_axes, input_specs
 from graphopt.data.masking import RunMask
 from graphopt.ir.model import Model
+from graphopt.passkit.api import Pass, PassContext, PassResult, WeightClaims
 from graphopt.passkit.probe import ProbeRunner
 
 logger = logging.getLogger(__name__)
@@ -132,3 +135,54 @@ def strongest_level(
         else:
             failing = middle
     return passing, tried
+
+
+@dataclass(frozen=True)
+class LevelSearch:
+    """What :func:`fit_to_target` found: the level (None: out of reach), every (level, score)
+    tried, and the pass's result at that level on the model itself (None: left unchanged)."""
+
+    level: float | None
+    tried: list[tuple[float, float]]
+    result: PassResult | None
+
+
+def fit_to_target(
+    model: Model,
+    context: PassContext,
+    who: str,
+    build: Callable[[float], Pass],
+    *,
+    target: float,
+    gentlest: float,
+    strongest: float,
+    steps: int,
+) -> LevelSearch:
+    """Rules 1 and 4 for a pass with one strength level: run ``build(level)`` on copies of the
+    model calibrated on the kept batches, score each copy on the held-aside ones, and run the
+    strongest passing level on ``model`` itself (with the run's weight claims)."""
+    calibration, held_aside = hold_aside(context.require_feeds(who), who)
+
+    def run(level: float, into: Model, claims: WeightClaims) -> PassResult:
+        return build(level)(into, replace(context, data=calibration, claims=claims))
+
+    settings = context.settings
+    with HeldAsideScore(model, held_aside, settings.threads, settings.probe_cache_bytes) as scorer:
+
+        def score_of(level: float) -> float:
+            variant = replace(model, graph=model.graph.copy())
+            return scorer.score(run(level, variant, WeightClaims()).model)
+
+        level, tried = strongest_level(score_of, target, gentlest, strongest, steps)
+    if level is None:
+        logger.warning(
+            "%s: even level %g scores %.6f on the held-aside batches, below the target %g; "
+            "the model is left unchanged",
+            who,
+            gentlest,
+            tried[-1][1],
+            target,
+        )
+        return LevelSearch(None, tried, None)
+    logger.info("%s: level %.4f meets the target %g", who, level, target)
+    return LevelSearch(level, tried, run(level, model, context.claims))

@@ -844,20 +844,7 @@ def prefix_model(runnable: InMemoryModel, outputs: Sequence[str]) -> InMemoryMod
     missing = [name for name in outputs if name not in known]
     if missing:
         raise ValueError(f"tensors not produced by the graph: {', '.join(missing[:5])}")
-    del graph.node[:]
-    graph.node.extend(kept)
-    initializers = [tensor for tensor in graph.initializer if tensor.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
-    sparse = [tensor for tensor in graph.sparse_initializer if tensor.values.name in needed]
-    del graph.sparse_initializer[:]
-    graph.sparse_initializer.extend(sparse)
-    del graph.output[:]
-    graph.output.extend(helper.make_empty_tensor_value_info(name) for name in outputs)
-    del graph.value_info[:]
-    handed = {name: array for name, array in runnable.initializers.items() if name in needed}
-    types = {name: kind for name, kind in runnable.onnx_types.items() if name in handed}
-    return InMemoryModel(proto.SerializeToString(), runnable.folder, handed, types)
+    return _cut(proto, runnable, kept, needed, outputs)
 
 
 @dataclass(frozen=True)
@@ -926,25 +913,39 @@ def segment_model(
         )
     extra = sorted(name for name in produced & live if name not in set(wanted))
     outputs = (*wanted, *extra)
-    del graph.node[:]
-    graph.node.extend(kept)
-    kept_initializers = [tensor for tensor in graph.initializer if tensor.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(kept_initializers)
-    del graph.sparse_initializer[:]
     del graph.input[:]
     graph.input.extend(
         helper.make_tensor_value_info(name, available[name], None) for name in inputs
     )
+    model = _cut(proto, runnable, kept, needed, outputs)
+    ran_here = frozenset(node_key(node) for node in kept)
+    return Segment(model, tuple(inputs), outputs, ran_here, frozenset(live))
+
+
+def _cut(
+    proto: onnx.ModelProto,
+    runnable: InMemoryModel,
+    kept: Sequence[onnx.NodeProto],
+    needed: set[str],
+    outputs: Sequence[str],
+) -> InMemoryModel:
+    """``proto`` with only the ``kept`` nodes, the initializers (and handed-over arrays) named
+    in ``needed``, and ``outputs`` as its outputs (rule 8's prefixes and segments)."""
+    graph = proto.graph
+    del graph.node[:]
+    graph.node.extend(kept)
+    initializers = [tensor for tensor in graph.initializer if tensor.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    sparse = [tensor for tensor in graph.sparse_initializer if tensor.values.name in needed]
+    del graph.sparse_initializer[:]
+    graph.sparse_initializer.extend(sparse)
     del graph.output[:]
     graph.output.extend(helper.make_empty_tensor_value_info(name) for name in outputs)
     del graph.value_info[:]
     handed = {name: array for name, array in runnable.initializers.items() if name in needed}
     types = {name: kind for name, kind in runnable.onnx_types.items() if name in handed}
-    model = InMemoryModel(proto.SerializeToString(), runnable.folder, handed, types)
-    return Segment(
-        model, tuple(inputs), outputs, frozenset(node_key(n) for n in kept), frozenset(live)
-    )
+    return InMemoryModel(proto.SerializeToString(), runnable.folder, handed, types)
 
 
 def _outer_reads(node: onnx.NodeProto) -> set[str]:

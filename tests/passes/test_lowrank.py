@@ -29,7 +29,15 @@ from graphopt.pipeline import optimize
 from graphopt.settings import Settings
 from passes.lowrank import LowRankPass
 
-from ..conftest import float_input, make_model, run_cli, run_ort, sha256_of, weight
+from ..conftest import (
+    float_input,
+    make_model,
+    run_cli,
+    run_ort,
+    sha256_of,
+    two_layer_chain,
+    weight,
+)
 
 RTOL, ATOL = 1e-4, 1e-4
 
@@ -513,26 +521,9 @@ def test_gram_statistics_match_numpy_across_buffer_flushes(
     np.testing.assert_allclose(stats["r"].gram, rows.T @ rows, rtol=1e-5)
 
 
-def _two_layer_chain(seed: int = 5) -> onnx.ModelProto:
-    """x → mm1 (correlated 64×64) → Relu → mm2 (64×64) → y: mm2 sees mm1's split error."""
-    rng = np.random.default_rng(seed)
-    first = (rng.standard_normal((64, 64)) * np.geomspace(10, 0.05, 64)).astype(np.float32)
-    second = rng.standard_normal((64, 64)).astype(np.float32)
-    return make_model(
-        [
-            helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
-            helper.make_node("Relu", ["h"], ["r"], name="relu"),
-            helper.make_node("MatMul", ["r", "W2"], ["y"], name="mm2"),
-        ],
-        [float_input("x", ["batch", 64])],
-        [float_input("y", ["batch", 64])],
-        [numpy_helper.from_array(first, "W1"), numpy_helper.from_array(second, "W2")],
-    )
-
-
 def test_sequential_fit_absorbs_the_error_of_earlier_splits(tmp_path: Path) -> None:
     """Rule 9: mm2 fitted on the input split mm1 gives it beats mm2 fitted on the float input."""
-    proto = _two_layer_chain()
+    proto = two_layer_chain()
     feeds = list(_feeds(proto))
     errors = {}
     for method in ("whiten", "sequential"):
@@ -551,7 +542,7 @@ def test_sequential_refuses_global_allocation() -> None:
 
 
 def test_sequential_is_byte_identical_across_runs(tmp_path: Path) -> None:
-    proto = _two_layer_chain()
+    proto = two_layer_chain()
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
     first, _ = _run(proto, tmp_path / "a", method="sequential", rank=16)
@@ -561,7 +552,7 @@ def test_sequential_is_byte_identical_across_runs(tmp_path: Path) -> None:
 
 def test_sequential_segments_give_the_prefix_runs_model(tmp_path: Path) -> None:
     """Reconstruction rule 7: fed from kept activations or run from the feeds, the same bytes."""
-    proto = _two_layer_chain()
+    proto = two_layer_chain()
     outputs = []
     for budget in (None, 0):
         folder = tmp_path / f"cache{budget}"
@@ -577,7 +568,7 @@ def test_sequential_segments_give_the_prefix_runs_model(tmp_path: Path) -> None:
 
 def test_target_cosine_finds_the_lowest_ratio_that_passes(tmp_path: Path) -> None:
     """Rule 10: the ratio is bisected on held-aside batches; lower ratios that pass win."""
-    proto = _two_layer_chain()
+    proto = two_layer_chain()
     model = model_from_proto(proto)
     normalize(model, materialize_weights=True)
     options = {"target_cosine": 0.9, "ratio": 0.1, "min_size": 0}

@@ -20,7 +20,7 @@ from graphopt.passkit.registry import BUILTIN_PASSES
 from passes.quant import QuantPass
 from passes.sparsify import HESSIAN_RETRIES, Pattern, SparsifyPass, nm_mask, sparsegpt
 
-from ..conftest import float_input, make_model, run_cli, run_ort, weight
+from ..conftest import float_input, make_model, run_cli, run_ort, two_layer_chain, weight
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -929,27 +929,10 @@ def test_channel_pruning_trims_a_batched_matmul_sink_on_its_reduction_axis(tmp_p
     assert got.shape == (2, 4, 8)
 
 
-def _two_layer_chain(seed: int = 5) -> onnx.ModelProto:
-    """x → mm1 (correlated 64×64) → Relu → mm2 (64×64) → y: mm2 sees mm1's pruning error."""
-    rng = np.random.default_rng(seed)
-    first = (rng.standard_normal((64, 64)) * np.geomspace(10, 0.05, 64)).astype(np.float32)
-    second = rng.standard_normal((64, 64)).astype(np.float32)
-    return make_model(
-        [
-            helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
-            helper.make_node("Relu", ["h"], ["r"], name="relu"),
-            helper.make_node("MatMul", ["r", "W2"], ["y"], name="mm2"),
-        ],
-        [float_input("x", ["batch", 64])],
-        [float_input("y", ["batch", 64])],
-        [numpy_helper.from_array(first, "W1"), numpy_helper.from_array(second, "W2")],
-    )
-
-
 def test_sequential_sparsegpt_fits_the_float_output(tmp_path: Path) -> None:
     """Rule 4: sequential SparseGPT fits each layer to X W from the input X̃ the pruned layers
     before it give it, which beats pruning every layer on the dense graph's statistics."""
-    proto = _two_layer_chain()
+    proto = two_layer_chain()
     feeds = list(_feeds(proto))
     errors = {}
     for sequential in (False, True):
@@ -980,7 +963,7 @@ def test_sequential_sparsegpt_runs_on_convolutions(tmp_path: Path) -> None:
 
 def test_target_cosine_finds_the_highest_sparsity_that_passes(tmp_path: Path) -> None:
     """Rule 11: the level is bisected on held-aside batches; the model keeps the target."""
-    proto = _two_layer_chain()
+    proto = two_layer_chain()
     model, result = _run(proto, data=True, target_cosine=0.99, sparsity=0.8)
     tried = result.stats["levels_tried"]
     chosen = result.stats["sparsity"]
@@ -996,7 +979,7 @@ def test_target_cosine_finds_the_highest_sparsity_that_passes(tmp_path: Path) ->
 
 
 def test_target_cosine_out_of_reach_leaves_the_model_dense() -> None:
-    proto = _two_layer_chain()
+    proto = two_layer_chain()
     model, result = _run(proto, data=True, target_cosine=0.999999, sparsity=0.5)
     assert not result.modified and result.stats["sparsity"] == 0.0
     assert len(result.stats["levels_tried"]) == 2
