@@ -518,7 +518,7 @@ class QuantPass(Pass):
     def call(self, model: Model, context: PassContext) -> PassResult:
         feeds = context.require_feeds("quant")
         opset_notes = self._opset_limits(model)
-        self._int4_blocks: dict[str, BlockQuantized] = {}  # rule 8, per node, for every variant
+        self._int4_blocks: dict[str, BlockQuantized] = {}  # rule 8: _block_key → blocks
         report = QuantReport()
         candidates = self._candidates(model.graph, context, report)
         if not candidates:
@@ -1014,12 +1014,12 @@ class QuantPass(Pass):
                     del fits
                 for layer in stage:
                     candidate = on_scratch[layer.key]
-                    if f"{candidate.node.name}/4" in self._int4_blocks:
+                    if _block_key(candidate, 4) in self._int4_blocks:
                         write_block_quantized(
                             scratch.graph,
                             namer,
                             candidate.node,
-                            self._int4_blocks[f"{candidate.node.name}/4"],
+                            self._int4_blocks[_block_key(candidate, 4)],
                             self._int4_layout,
                             self.options["accuracy_level"],
                         )
@@ -1050,7 +1050,7 @@ class QuantPass(Pass):
     def _store_gptq(self, candidate: Candidate, weight: np.ndarray, hessian: np.ndarray) -> None:
         """Rule 8: GPTQ of one candidate's [K, N] weight; the node stays RTN when H is unusable."""
         try:
-            self._int4_blocks[f"{candidate.node.name}/4"] = gptq(
+            self._int4_blocks[_block_key(candidate, 4)] = gptq(
                 weight,
                 hessian,
                 self._int4_format(),
@@ -1068,8 +1068,7 @@ class QuantPass(Pass):
         """Rule 8: MatMul → the int4 (or, scheme ``int8-blocks``, int8) layout, quantized once
         per node for all variants."""
         bits = 8 if candidate.scheme == "int8-blocks" else 4
-        key = f"{candidate.node.name}/{bits}"
-        self._int4_blocks = getattr(self, "_int4_blocks", {})  # set per call() (rule 8)
+        key = _block_key(candidate, bits)
         if key not in self._int4_blocks:
             fmt = BlockFormat(bits, self.options["block_size"], self.options["symmetric"])
             self._int4_blocks[key] = quantize_rtn(
@@ -1283,6 +1282,11 @@ def outlier_scales(channel_max: np.ndarray, quantile: float = 0.99) -> np.ndarra
     if reference <= 0:
         return np.ones_like(channel_max, dtype=np.float32)
     return np.maximum(channel_max / reference, 1.0).astype(np.float32)
+
+
+def _block_key(candidate: Candidate, bits: int) -> str:
+    """Rule 8: where a node's quantized blocks of ``bits`` are kept during one call."""
+    return f"{candidate.node.name}/{bits}"
 
 
 def _precision(candidates: list[Candidate], chosen: list[Candidate]) -> dict[str, str]:
