@@ -807,3 +807,25 @@ def test_int4_nodes_step_down_to_int8_before_float(tmp_path: Path) -> None:
     assert sorted(bits) == sorted(
         {"int4": 4, "int8": 8}[value] for value in precision.values() if value != "float"
     )
+
+
+def test_int4_rounding_auto_rounds_large_models_to_nearest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rule 8: above SEQUENTIAL_AUTO_MAX_BYTES of weights ``auto`` rounds to nearest (the
+    sequential fit is not yet within the memory bound on multi-GB models)."""
+    import passes.quant as quant
+
+    proto = _deep_mlp()
+    outputs = []
+    for limit in (0, 1 << 40):
+        monkeypatch.setattr(quant, "SEQUENTIAL_AUTO_MAX_BYTES", limit)
+        model = model_from_proto(proto)
+        normalize(model, materialize_weights=True)
+        options = {"weight_bits": 4, "target_cosine": 0.0, "min_macs": 0}
+        result = QuantPass(options)(model, PassContext(data=_feeds(proto, samples=512)))
+        outputs.append(tmp_path / f"limit{limit}.onnx")
+        save_model(result.model, outputs[-1])
+    nearest, _ = _quantize(proto, tmp_path, weight_bits=4, target_cosine=0.0, rounding="nearest")
+    assert sha256_of(outputs[0]) == sha256_of(nearest)
+    assert sha256_of(outputs[1]) != sha256_of(nearest)
