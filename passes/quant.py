@@ -538,6 +538,7 @@ class QuantPass(Pass):
                 stats["skipped"] = count_reasons(report.skipped.values())
             return PassResult(model, bool(embeddings), stats, embeddings)
         candidates = [self._initial_scheme(c) for c in candidates]
+        rounding = self._rounding(model, context)
         calibration_feeds, held_aside = _split_feeds(feeds, self._accuracy_driven(feeds))
         if self.options["smooth_alpha"] > 0 or self.options["smooth_outliers"]:
             smoothed = self._smooth(model, candidates, calibration_feeds, context.settings)
@@ -545,7 +546,7 @@ class QuantPass(Pass):
         stats = collect(
             model,
             calibration_feeds,
-            self._requests(model.graph, candidates),
+            self._requests(model.graph, candidates, gram=rounding == "gptq"),
             on_batch=lambda index: context.report_progress("quant: calibrating", index),
             settings=context.settings,
         )
@@ -556,7 +557,7 @@ class QuantPass(Pass):
         if self.options["outlier_threshold"] > 0:
             candidates = [self._outlier_split(c, stats) for c in candidates]
         chosen = [c for c in candidates if _has_ranges(c, ranges)]
-        self._fit_int4(model, chosen, calibration_feeds, context)
+        self._fit_int4(model, chosen, calibration_feeds, context, rounding, stats)
         if self._accuracy_driven(feeds) and held_aside is not None:
             chosen = self._accuracy_search(model, chosen, ranges, held_aside, report, context)
         self._apply(model.graph, chosen, ranges)
@@ -785,7 +786,10 @@ class QuantPass(Pass):
 
     # --- rule 3 -------------------------------------------------------------------------------
 
-    def _requests(self, graph: gs.Graph, candidates: list[Candidate]) -> list[StatRequest]:
+    def _requests(
+        self, graph: gs.Graph, candidates: list[Candidate], *, gram: bool = False
+    ) -> list[StatRequest]:
+        """What one calibration run collects; ``gram``: also XᵀX of int4 inputs (rule 8)."""
         histogram = self.options["calibrator"] != "minmax"
         split = self.options["outlier_threshold"] > 0
         candidates = [c for c in candidates if c.body is None]  # rule 14: bodies are not seen
@@ -798,7 +802,9 @@ class QuantPass(Pass):
             for c in candidates
             for t in c.activations
         ]
-        requests += [StatRequest(c.activation.name) for c in candidates]  # sizes for rule 11
+        requests += [  # sizes for rule 11; XᵀX for rule 8's rounding=gptq
+            StatRequest(c.activation.name, gram=gram and c.scheme == "int4") for c in candidates
+        ]
         for candidate in candidates:
             output = _conv_output_tensor(candidate)
             if output is not None:
@@ -949,6 +955,8 @@ class QuantPass(Pass):
     def _rounding(self, model: Model, context: PassContext) -> str:
         """Rule 8: how int4 weights are rounded (``auto`` follows the data and the size)."""
         rounding = self.options["rounding"]
+        if self.options["weight_bits"] != 4:
+            return "nearest"  # int8 weights are rounded to nearest whatever it says
         if rounding != "auto":
             return rounding
         if not context.has_real_data:
@@ -964,29 +972,27 @@ class QuantPass(Pass):
         return "sequential"
 
     def _fit_int4(
-        self, model: Model, candidates: list[Candidate], feeds: Feeds, context: PassContext
+        self,
+        model: Model,
+        candidates: list[Candidate],
+        feeds: Feeds,
+        context: PassContext,
+        rounding: str,
+        stats: dict[str, TensorStats],
     ) -> None:
         """Rule 8: GPTQ int4 weights for every int4 candidate, before any variant is built.
 
-        ``gptq`` uses H = XᵀX of the float model's inputs (one calibration run). ``sequential``
-        quantizes a copy of the model stage by stage with the reconstruction engine
-        (:mod:`graphopt.passkit.reconstruct`): each layer's GPTQ runs on W* = H⁻¹ G W with
-        H = X̃ᵀX̃ of the input the layers quantized before it give it. The accuracy search and
-        the final model then use these weights as they are.
+        ``gptq`` uses H = XᵀX of the float model's inputs, from ``stats`` (the pass's one
+        calibration run). ``sequential`` quantizes a copy of the model stage by stage with the
+        reconstruction engine (:mod:`graphopt.passkit.reconstruct`): each layer's GPTQ runs on
+        its fit target W* (the engine's rule 5) with H = X̃ᵀX̃ of the input the layers quantized
+        before it give it. The accuracy search and the final model then use these weights as
+        they are.
         """
-        rounding = self._rounding(model, context)
         int4 = [c for c in candidates if c.scheme == "int4" and c.body is None]
         if rounding == "nearest" or not int4:
             return
         if rounding == "gptq":
-            requests = [StatRequest(c.activation.name, minmax=False, gram=True) for c in int4]
-            stats = collect(
-                model,
-                feeds,
-                requests,
-                on_batch=lambda index: context.report_progress("quant: collecting XᵀX", index),
-                settings=context.settings,
-            )
             for candidate in int4:
                 measured = stats[candidate.activation.name]
                 assert measured.gram is not None  # requested above
