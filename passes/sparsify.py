@@ -38,7 +38,7 @@ from graphopt.passkit.blockquant import inverse_hessian_factor
 from graphopt.passkit.options import Option, SearchPoint, SearchSpace
 from graphopt.passkit.ordering import OrderRank
 from graphopt.passkit.qdq import Namer
-from graphopt.passkit.reconstruct import Layer, LayerFit, LayerInput, Reconstruction
+from graphopt.passkit.reconstruct import Layer, LayerFit, LayerInput, Reconstruction, stages
 from graphopt.passkit.selection import (
     WeightedOp,
     body_labels,
@@ -439,27 +439,10 @@ def _layer(job: WeightJob) -> Layer:
 
 
 def _stages(graph: gs.Graph, jobs: Sequence[WeightJob]) -> list[list[WeightJob]]:
-    """Jobs grouped by how many sparsified nodes lie upstream of them (rule 4's sequential mode).
-
-    A job's statistics are collected after every job upstream of it has been pruned, so each
-    layer compensates the error of the layers before it, as in SparseGPT's layer-by-layer run.
-    ``graph`` must be topologically sorted (the caller sorts it); this only reads it.
-    """
-    owner = {id(node): job for job in jobs for node in job.nodes}
-    level: dict[int, int] = {}
-    stage_of: dict[int, int] = {}
-    for node in graph.nodes:
-        depth = max((level.get(id(t), 0) for t in node.inputs), default=0)
-        job = owner.get(id(node))
-        if job is not None:
-            stage_of[id(job)] = max(stage_of.get(id(job), 0), depth)
-            depth += 1
-        for tensor in node.outputs:
-            level[id(tensor)] = depth
-    stages: dict[int, list[WeightJob]] = {}
-    for job in jobs:
-        stages.setdefault(stage_of.get(id(job), 0), []).append(job)
-    return [stages[key] for key in sorted(stages)]
+    """Jobs grouped by how many sparsified nodes lie upstream of them (rule 4's sequential mode;
+    :func:`graphopt.passkit.reconstruct.stages`). ``graph`` must be topologically sorted."""
+    layers = [Layer(str(index), (), tuple(job.nodes)) for index, job in enumerate(jobs)]
+    return [[jobs[int(layer.key)] for layer in stage] for stage in stages(graph, layers)]
 
 
 class SparsifyPass(Pass):
@@ -922,7 +905,7 @@ class SparsifyPass(Pass):
         sequential = method != "magnitude" and self.options["sequential"]
         if sequential:
             model.graph.toposort()
-        stages = _stages(model.graph, jobs) if sequential else [jobs]
+        grouped = _stages(model.graph, jobs) if sequential else [jobs]
         touched: list[str] = []
         budget = gram_budget(model, context.settings)
         runs = 0
@@ -932,7 +915,7 @@ class SparsifyPass(Pass):
                 if sequential and method == "sparsegpt"
                 else None
             )
-            for stage in stages:
+            for stage in grouped:
                 # Every run of a stage sees the graph as the stage began: new weights are
                 # applied once the stage is done (rule 4), only their spilled values are held.
                 pending: list[tuple[WeightJob, Any]] = []
@@ -972,7 +955,7 @@ class SparsifyPass(Pass):
             "sparsify: %d weights sparsified with %s in %d stages",
             len(report.layers),
             method,
-            len(stages),
+            len(grouped),
         )
         order = _node_order(model)
         return sorted(touched, key=lambda name: order.get(name, -1))
